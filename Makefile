@@ -1,0 +1,37 @@
+# sorajax: `make demo` trains the toy model end to end on CPU; `make test` runs the test suite.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Python >= 3.12 is required (jax >= 0.11). Override with `make PYTHON=/path/to/python3.12 ...`.
+PYTHON ?= $(shell for p in python3.12 python3.13 /root/.pyenv/versions/3.12.1/bin/python3 python3; do \
+	  if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null; then command -v $$p; break; fi; done)
+DEMO_RUN ?= runs/toy
+DEMO_SAMPLES ?= samples
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test clean help
+
+help:
+	@echo "make demo   - create $(VENV), build the synthetic world, train the toy model, sample, evaluate"
+	@echo "make test   - create/update $(VENV) and run the test suite (8 fake CPU devices)"
+	@echo "make clean  - remove runs/, samples/, data/"
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@if [ -z "$(PYTHON)" ]; then echo "error: sorajax needs Python >= 3.12 (jax >= 0.11); none found on PATH. Install python3.12 or run: make PYTHON=/path/to/python3.12"; exit 2; fi
+	@echo "using $(PYTHON) ($$($(PYTHON) --version))"
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) scripts/demo.py --workdir $(DEMO_RUN) --samples $(DEMO_SAMPLES)
+
+test: venv
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs samples data

@@ -1,0 +1,94 @@
+"""Toy text-to-video model on the synthetic world, trained end to end on one CPU machine.
+
+Launch (what `make demo` runs):
+    python -m sorajax.train --config configs/toy.py --workdir runs/toy
+Tiny smoke variant (seconds; used by tests):
+    python -m sorajax.train --config configs/toy.py:runlocal --workdir /tmp/toy_smoke
+
+Two stages in one run: the causal VAE (spacetime compression 4x4x4) trains first into
+WORKDIR/vae, then the DiT and the small T5-style text encoder train on the frozen VAE's latents
+into WORKDIR. 9-frame 32x32 clips -> 3x8x8x8 latents -> 48 tokens with (1, 2, 2) patches.
+"""
+import ml_collections
+
+
+def get_config(arg: str = ""):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stages = ("vae", "dit")  # trained in order; a finished stage is skipped on restart
+
+    # -- data: the synthetic world (sorajax/data/world.py), TFDS array_record under data_dir.
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = "data"
+    c.data.frames = 9
+    c.data.height = 32
+    c.data.width = 32
+    c.data.num_train = 4096
+    c.data.num_eval = 64
+    c.data.seed = 0
+    c.data.min_objects = 1
+    c.data.max_objects = 1
+    c.data.occluder_prob = 0.0
+    c.data.two_tone_prob = 0.0
+
+    # -- models: variants from the model files' VARIANTS tables, plus field overrides.
+    c.vae = ml_collections.ConfigDict(dict(variant="toy", overrides={}))
+    c.dit = ml_collections.ConfigDict(dict(variant="toy", overrides={}))
+    c.text = ml_collections.ConfigDict(dict(variant="toy", overrides={}, vocab_size=192, max_length=24,
+                                            trainable=True, tokenizer=""))
+
+    # -- VAE stage.
+    c.vae_train = ml_collections.ConfigDict()
+    c.vae_train.steps = 1200
+    c.vae_train.batch_size = 16
+    c.vae_train.lr = 2e-3
+    c.vae_train.warmup_steps = 50
+    c.vae_train.kl_weight = 1e-6
+    c.vae_train.log_every = 50
+    c.vae_train.ckpt_every = 400
+
+    # -- DiT stage.
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 3000
+    c.train.batch_size = 32
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 100
+    c.train.weight_decay = 0.01
+    c.train.grad_clip = 1.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.99
+    c.train.ema_decay = 0.999
+    c.train.text_dropout = 0.1
+    c.train.log_every = 50
+    c.train.ckpt_every = 500
+    c.train.sample_every = 0  # 0: only at the end of the stage
+    c.train.max_nonfinite_in_a_row = 20
+    c.train.keep_checkpoints = 3
+
+    # -- rectified flow.
+    c.flow = ml_collections.ConfigDict(dict(logit_mean=0.0, logit_std=1.0, shift=1.0))
+
+    # -- sampling defaults (sorajax.sample / sorajax.evaluate).
+    c.sample = ml_collections.ConfigDict(dict(steps=25, guidance=4.0, shift=1.0, solver="euler",
+                                              negative_prompt=""))
+
+    # -- mesh and sharding: sizes per axis (-1 = all remaining devices), DCN sizes for slices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1,
+                                            dcn_data=1, dcn_fsdp=1, dcn_context=1, dcn_tensor=1))
+    c.sharding_rules = None  # None: sorajax.sharding.DEFAULT_RULES
+
+    if arg == "runlocal":
+        c.data.num_train = 64
+        c.data.num_eval = 8
+        c.vae_train.steps = 6
+        c.vae_train.batch_size = 4
+        c.vae_train.log_every = 2
+        c.vae_train.ckpt_every = 3
+        c.train.steps = 6
+        c.train.batch_size = 8
+        c.train.log_every = 2
+        c.train.ckpt_every = 3
+        c.sample.steps = 3
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r} (known: runlocal)")
+    return c

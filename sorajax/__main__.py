@@ -1,0 +1,1 @@
+print("sorajax: use python -m sorajax.train | sorajax.sample | sorajax.evaluate (each has --help)")

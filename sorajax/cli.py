@@ -1,0 +1,42 @@
+"""Shared command-line plumbing: bad input -> one line on stderr, exit code 2, no traceback."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from sorajax.errors import UserError
+
+
+def run(fn, argv=None) -> int:
+    """Calls fn(argv); maps UserError to `error: ...` + exit 2 and Ctrl-C to exit 130."""
+    logging.basicConfig(level=os.environ.get("SORAJAX_LOGLEVEL", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return int(fn(argv) or 0)
+    except UserError as e:
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def atomic_target(path: str) -> str:
+    """A temporary sibling name for `path`; write there, then os.replace(tmp, path)."""
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{base}.tmp{os.getpid()}")
+
+
+def check_writable_output(path: str, exts: tuple[str, ...], flag: str) -> None:
+    """Raises UserError unless `path` has one of `exts` and its directory exists and is writable."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in exts:
+        raise UserError(f"{flag} {path!r}: unsupported extension {ext or '(none)'!r}; use one of {', '.join(exts)}")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UserError(f"{flag} {path!r}: directory {d!r} does not exist")
+    if not os.access(d, os.W_OK):
+        raise UserError(f"{flag} {path!r}: directory {d!r} is not writable")

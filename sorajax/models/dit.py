@@ -1,0 +1,447 @@
+"""Wan 2.1 Diffusion Transformer (diffusers `WanTransformer3DModel`) in Flax NNX.
+
+Latents come in channels-last (B, F, H, W, C); (pt, ph, pw) patches become N = F/pt * H/ph * W/pw
+tokens of width D = heads * head_dim. Each block: adaLN-modulated self-attention (RMS QK-norm
+across heads, 3D RoPE from per-token (t, h, w) positions) -> text cross-attention -> modulated
+GELU-tanh MLP. Timesteps may be per example (B,) or per token (B, N) (the Wan 2.2 TI2V path), so
+that conditioning frames can be clean while the others are noisy.
+
+In f32 this matches diffusers to ~1e-6 (tests/test_dit.py). Norms, modulation and RoPE are
+computed in f32 whatever `dtype` is, as diffusers does (`_keep_in_fp32_modules`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sorajax.errors import UserError, WeightsMismatch
+from sorajax.models.attention import dot_product_attention
+
+F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 12
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 8960
+    num_layers: int = 30
+    cross_attn_norm: bool = True
+    qk_norm: bool = True  # RMS norm over the fused heads*head_dim features of q and k
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024  # positions per axis must be < this (table lookup; beyond: NaN)
+    rope_theta: float = 10000.0
+    attention: str = "xla"  # sorajax.models.attention backend: "xla" | "cudnn" | "auto"
+    dtype: Any = "float32"  # compute dtype of dense layers / residual stream
+    param_dtype: Any = "float32"
+    remat: bool = False  # nnx.remat around every block
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """head_dim split into (t, h, w) rotary sub-dims exactly as diffusers WanRotaryPosEmbed."""
+        hw = 2 * (self.attention_head_dim // 6)
+        return self.attention_head_dim - 2 * hw, hw, hw
+
+
+def num_tokens(cfg: DiTConfig, latent_shape) -> int:
+    """Tokens for a latent of shape (F, H, W) or (B, F, H, W, C)."""
+    f, h, w = tuple(latent_shape)[1:4] if len(latent_shape) == 5 else tuple(latent_shape)
+    pt, ph, pw = cfg.patch_size
+    return (f // pt) * (h // ph) * (w // pw)
+
+
+def param_count(model) -> int:
+    """Number of parameters; works on abstract models from nnx.eval_shape (no allocation)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small layers and pure functions
+# ----------------------------------------------------------------------------------------------
+def _dense(din, dout, names, cfg, rngs, *, dtype=None):
+    return nnx.Linear(
+        din, dout, dtype=jnp.dtype(dtype or cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
+        rngs=rngs)
+
+
+def layer_norm(x, eps, scale=None, bias=None):
+    """LayerNorm in f32 (diffusers FP32LayerNorm); returns f32."""
+    x = x.astype(F32)
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+    y = (x - mu) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale.astype(F32) + bias.astype(F32)
+    return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim, eps, cfg, *, rngs=None):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), out_sharding=("norm",))
+
+    def __call__(self, x):
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(F32)).astype(x.dtype)
+
+
+class AffineLayerNorm(nnx.Module):
+    def __init__(self, dim, eps, cfg, *, rngs=None):
+        self.eps = eps
+        pd = jnp.dtype(cfg.param_dtype)
+        self.scale = nnx.Param(jnp.ones((dim,), pd), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), pd), out_sharding=("norm",))
+
+    def __call__(self, x):
+        return layer_norm(x, self.eps, self.scale[...], self.bias[...])
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal embedding, diffusers Timesteps(flip_sin_to_cos=True, shift=0): (...) -> (..., dim)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=F32) / half)  # (half,)
+    args = t.astype(F32)[..., None] * freqs
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, 1)])
+    return emb
+
+
+def grid_positions(f, h, w) -> np.ndarray:
+    """(f*h*w, 3) int32 (t, h, w) token positions in the patchified token order."""
+    g = np.meshgrid(np.arange(f), np.arange(h), np.arange(w), indexing="ij")
+    return np.stack(g, axis=-1).reshape(-1, 3).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables(split, max_len, theta):
+    """Per-axis (cos, sin) tables (max_len, d/2), angles in f64 then cast to f32 like diffusers."""
+    out = []
+    for d in split:
+        inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)  # (d/2,)
+        ang = np.outer(np.arange(max_len, dtype=np.float64), inv)  # (L, d/2)
+        out.append((np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)))
+    return tuple(out)
+
+
+def rope_freqs(positions, cfg: DiTConfig):
+    """positions (B, N, 3) int -> cos, sin (B, N, head_dim/2) f32: [t | h | w] frequency bands."""
+    tables = _rope_tables(cfg.rope_split, cfg.rope_max_seq_len, float(cfg.rope_theta))
+    positions = jnp.asarray(positions, jnp.int32)
+    cos = [jnp.take(jnp.asarray(c), positions[..., i], axis=0) for i, (c, _) in enumerate(tables)]
+    sin = [jnp.take(jnp.asarray(s), positions[..., i], axis=0) for i, (_, s) in enumerate(tables)]
+    return jnp.concatenate(cos, axis=-1), jnp.concatenate(sin, axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]). x (B, N, H, hd); cos/sin (B, N, hd/2)."""
+    x32 = x.astype(F32)
+    x1, x2 = x32[..., 0::2], x32[..., 1::2]  # (B, N, H, hd/2)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)  # (B, N, H, hd/2, 2)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention, block
+# ----------------------------------------------------------------------------------------------
+class WanAttention(nnx.Module):
+    """Self- (context=None) or cross-attention with RMS QK-norm over the fused heads dim."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs):
+        d = cfg.dim
+        self.cfg = cfg
+        self.to_q = _dense(d, d, ("embed", "heads"), cfg, rngs)
+        self.to_k = _dense(d, d, ("embed", "heads"), cfg, rngs)
+        self.to_v = _dense(d, d, ("embed", "heads"), cfg, rngs)
+        self.to_out = _dense(d, d, ("heads", "embed"), cfg, rngs)
+        self.norm_q = RMSNorm(d, cfg.eps, cfg) if cfg.qk_norm else None
+        self.norm_k = RMSNorm(d, cfg.eps, cfg) if cfg.qk_norm else None
+
+    def __call__(self, x, context=None, rope=None):
+        cfg = self.cfg
+        kv_in = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(kv_in), self.to_v(kv_in)  # (B, N|L, D)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        heads = (cfg.num_attention_heads, cfg.attention_head_dim)
+        q = q.reshape(*q.shape[:2], *heads)  # (B, N, H, hd)
+        k = k.reshape(*k.shape[:2], *heads)  # (B, L, H, hd)
+        v = v.reshape(*v.shape[:2], *heads)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = dot_product_attention(q, k, v, backend=cfg.attention)  # (B, N, H, hd)
+        return self.to_out(o.reshape(*o.shape[:2], cfg.dim))
+
+
+class WanBlock(nnx.Module):
+    def __init__(self, cfg: DiTConfig, *, rngs):
+        d = cfg.dim
+        self.cfg = cfg
+        self.attn1 = WanAttention(cfg, rngs=rngs)
+        self.attn2 = WanAttention(cfg, rngs=rngs)
+        self.norm2 = AffineLayerNorm(d, cfg.eps, cfg) if cfg.cross_attn_norm else None
+        self.ffn_in = _dense(d, cfg.ffn_dim, ("embed", "mlp"), cfg, rngs)
+        self.ffn_out = _dense(cfg.ffn_dim, d, ("mlp", "embed"), cfg, rngs)
+        init = jax.random.normal(rngs.params(), (1, 6, d), F32) / math.sqrt(d)
+        self.scale_shift_table = nnx.Param(init.astype(jnp.dtype(cfg.param_dtype)),
+                                           out_sharding=(None, "modulation", "embed"))
+
+    def __call__(self, x, context, mod, cos, sin):
+        """x (B, N, D); context (B, L, D); mod (B, S, 6, D) f32 with S in {1, N}."""
+        cfg, dt = self.cfg, x.dtype
+        m = self.scale_shift_table[...].astype(F32)[None] + mod  # (B, S, 6, D)
+        shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, i] for i in range(6))  # (B, S, D)
+
+        h = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dt)
+        x = (x.astype(F32) + self.attn1(h, None, (cos, sin)).astype(F32) * gate).astype(dt)
+
+        h = (self.norm2(x) if self.norm2 is not None else x).astype(dt)
+        x = x + self.attn2(h, context)
+
+        h = (layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dt)
+        ff = self.ffn_out(jax.nn.gelu(self.ffn_in(h), approximate=True))  # (B, N, D)
+        return (x.astype(F32) + ff.astype(F32) * c_gate).astype(dt)
+
+
+def _block_fwd(block, x, context, mod, cos, sin):
+    return block(x, context, mod, cos, sin)
+
+
+_block_fwd_remat = nnx.remat(_block_fwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+class WanDiT(nnx.Module):
+    """velocity = WanDiT(cfg, rngs=...)(x (B,F,H,W,Cin), t (B,)|(B,N), context (B,L,text_dim))."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, p = cfg.dim, math.prod(cfg.patch_size)
+        if cfg.attention_head_dim % 2 or min(cfg.rope_split) <= 0:
+            raise ValueError(f"attention_head_dim {cfg.attention_head_dim} cannot be split for 3D RoPE")
+        # Conv3d with kernel = stride = patch, as a dense over the flattened (pt, ph, pw, C) patch.
+        self.patch_embedding = _dense(p * cfg.in_channels, d, ("conv_in", "embed"), cfg, rngs)
+        # Time MLP kept in f32 like diffusers (time_embedder is in _keep_in_fp32_modules).
+        self.time_embedder_1 = _dense(cfg.freq_dim, d, (None, "mlp"), cfg, rngs, dtype=F32)
+        self.time_embedder_2 = _dense(d, d, ("mlp", "embed"), cfg, rngs, dtype=F32)
+        self.time_proj = _dense(d, 6 * d, ("embed", "mlp"), cfg, rngs)  # -> 6 modulation slots
+        self.text_embedder_1 = _dense(cfg.text_dim, d, ("embed", "mlp"), cfg, rngs)
+        self.text_embedder_2 = _dense(d, d, ("mlp", "embed"), cfg, rngs)
+        self.blocks = nnx.List([WanBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.proj_out = _dense(d, p * cfg.out_channels, ("embed", "conv_out"), cfg, rngs)
+        init = jax.random.normal(rngs.params(), (1, 2, d), F32) / math.sqrt(d)
+        self.scale_shift_table = nnx.Param(init.astype(jnp.dtype(cfg.param_dtype)),
+                                           out_sharding=(None, "modulation", "embed"))
+
+    def __call__(self, x, t, context, positions=None):
+        """x (B, F, H, W, Cin); t (B,) or (B, N) in [0, 1000]; context (B, L, text_dim);
+        positions: optional (B, N, 3) int (t, h, w) per token, default the regular grid.
+        Returns the velocity (B, F, H, W, Cout) in `cfg.dtype`."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        B, F, H, W, C = x.shape
+        pt, ph, pw = cfg.patch_size
+        if F % pt or H % ph or W % pw:
+            raise ValueError(f"latent (F, H, W)=({F}, {H}, {W}) not divisible by patch {cfg.patch_size}")
+        f, h, w = F // pt, H // ph, W // pw
+        n, d = f * h * w, cfg.dim
+
+        # Patchify: token order (f, h, w), patch vector order (pt, ph, pw, C).
+        tok = x.reshape(B, f, pt, h, ph, w, pw, C).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+        hid = self.patch_embedding(tok.reshape(B, n, pt * ph * pw * C).astype(dt))  # (B, N, D)
+
+        if positions is None:
+            positions = grid_positions(f, h, w)[None]  # (1, N, 3): broadcasts over the batch
+        elif positions.shape[-2:] != (n, 3):
+            raise ValueError(f"positions {positions.shape} must be (B, {n}, 3)")
+        cos, sin = rope_freqs(positions, cfg)  # (B|1, N, hd/2)
+
+        # Timesteps: (B,) -> one modulation per example (S=1); (B, N) -> per token (S=N).
+        t = jnp.asarray(t, F32)
+        if t.ndim == 1:
+            t = t[:, None]  # (B, 1)
+        elif t.ndim != 2 or t.shape[1] != n:
+            raise ValueError(f"timesteps {t.shape} must be (B,) or (B, {n})")
+        temb = timestep_embedding(t, cfg.freq_dim)  # (B, S, freq)
+        temb = self.time_embedder_2(jax.nn.silu(self.time_embedder_1(temb)))  # (B, S, D) f32
+        mod = self.time_proj(jax.nn.silu(temb.astype(dt)))  # (B, S, 6D)
+        mod = mod.astype(F32).reshape(*mod.shape[:2], 6, d)  # (B, S, 6, D)
+
+        ctx = self.text_embedder_1(context.astype(dt))
+        ctx = self.text_embedder_2(jax.nn.gelu(ctx, approximate=True))  # (B, L, D)
+
+        fwd = _block_fwd_remat if cfg.remat else _block_fwd
+        for block in self.blocks:
+            hid = fwd(block, hid, ctx, mod, cos, sin)  # (B, N, D)
+
+        m = self.scale_shift_table[...].astype(F32)[None] + temb[:, :, None, :]  # (B, S, 2, D)
+        shift, scale = m[:, :, 0], m[:, :, 1]
+        hid = (layer_norm(hid, cfg.eps) * (1 + scale) + shift).astype(dt)
+        out = self.proj_out(hid)  # (B, N, pt*ph*pw*Cout)
+
+        co = cfg.out_channels
+        out = out.reshape(B, f, h, w, pt, ph, pw, co).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+        return out.reshape(B, F, H, W, co)  # (B, F, H, W, Cout)
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers interop
+# ----------------------------------------------------------------------------------------------
+def config_from_diffusers(config_json, **overrides) -> DiTConfig:
+    """DiTConfig from a diffusers config (dict, config.json path, or model folder)."""
+    if not isinstance(config_json, dict):
+        path = pathlib.Path(config_json)
+        path = path / "config.json" if path.is_dir() else path
+        config_json = json.loads(path.read_text())
+    c = config_json
+    name = c.get("_class_name", "WanTransformer3DModel")
+    if name != "WanTransformer3DModel":
+        raise UserError(f"expected a WanTransformer3DModel config, got {name}")
+    for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+        if c.get(key) is not None:
+            raise UserError(f"Wan image-conditioning config ({key}={c[key]}) is not supported")
+    if c.get("qk_norm", "rms_norm_across_heads") not in (None, "rms_norm_across_heads"):
+        raise UserError(f"unsupported qk_norm {c['qk_norm']!r}")
+    kw = dict(
+        patch_size=tuple(c.get("patch_size", (1, 2, 2))),
+        num_attention_heads=c.get("num_attention_heads", 40),
+        attention_head_dim=c.get("attention_head_dim", 128),
+        in_channels=c.get("in_channels", 16),
+        out_channels=c.get("out_channels") or c.get("in_channels", 16),
+        text_dim=c.get("text_dim", 4096), freq_dim=c.get("freq_dim", 256),
+        ffn_dim=c.get("ffn_dim", 13824), num_layers=c.get("num_layers", 40),
+        cross_attn_norm=bool(c.get("cross_attn_norm", True)),
+        # diffusers' WanAttention always builds norm_q/norm_k, whatever qk_norm says.
+        qk_norm=True, eps=c.get("eps", 1e-6), rope_max_seq_len=c.get("rope_max_seq_len", 1024))
+    kw.update(overrides)
+    return DiTConfig(**kw)
+
+
+def _param_map(model: WanDiT):
+    """diffusers name -> (nnx.Param, kind); kind says how the torch tensor maps to ours."""
+    cfg, m = model.cfg, {}
+
+    def lin(name, layer):
+        m[name + ".weight"] = (layer.kernel, "linear")
+        m[name + ".bias"] = (layer.bias, "same")
+
+    m["patch_embedding.weight"] = (model.patch_embedding.kernel, "patch")
+    m["patch_embedding.bias"] = (model.patch_embedding.bias, "same")
+    lin("condition_embedder.time_embedder.linear_1", model.time_embedder_1)
+    lin("condition_embedder.time_embedder.linear_2", model.time_embedder_2)
+    lin("condition_embedder.time_proj", model.time_proj)
+    lin("condition_embedder.text_embedder.linear_1", model.text_embedder_1)
+    lin("condition_embedder.text_embedder.linear_2", model.text_embedder_2)
+    for i, blk in enumerate(model.blocks):
+        p = f"blocks.{i}."
+        for a in ("attn1", "attn2"):
+            att = getattr(blk, a)
+            for proj in ("to_q", "to_k", "to_v"):
+                lin(p + f"{a}.{proj}", getattr(att, proj))
+            lin(p + f"{a}.to_out.0", att.to_out)
+            if att.norm_q is not None:
+                m[p + f"{a}.norm_q.weight"] = (att.norm_q.scale, "same")
+                m[p + f"{a}.norm_k.weight"] = (att.norm_k.scale, "same")
+        if blk.norm2 is not None:
+            m[p + "norm2.weight"] = (blk.norm2.scale, "same")
+            m[p + "norm2.bias"] = (blk.norm2.bias, "same")
+        lin(p + "ffn.net.0.proj", blk.ffn_in)
+        lin(p + "ffn.net.2", blk.ffn_out)
+        m[p + "scale_shift_table"] = (blk.scale_shift_table, "same")
+    lin("proj_out", model.proj_out)
+    m["scale_shift_table"] = (model.scale_shift_table, "same")
+    return m
+
+
+def _torch_shape(var, kind, cfg):
+    shape = tuple(var.shape)
+    if kind == "linear":
+        return shape[::-1]
+    if kind == "patch":
+        return (cfg.dim, cfg.in_channels, *cfg.patch_size)
+    return shape
+
+
+def _to_ours(arr, kind):
+    if kind == "linear":  # torch (out, in) -> (in, out)
+        return arr.T
+    if kind == "patch":  # torch Conv3d (D, C, pt, ph, pw) -> (pt*ph*pw*C, D)
+        return arr.transpose(2, 3, 4, 1, 0).reshape(-1, arr.shape[0])
+    return arr
+
+
+def load_diffusers(model: WanDiT, reader) -> None:
+    """Set every parameter of `model` from a diffusers WanTransformer3DModel state dict.
+
+    reader: mapping-like, `.keys()` and `reader[name] -> np.ndarray` (read lazily, one tensor at a
+    time). `model` may be abstract (nnx.eval_shape): no random init is then ever computed, and
+    each tensor is placed with the abstract value's sharding when it has one. Raises WeightsMismatch listing missing / unexpected keys (checked before anything is
+    written) and shape mismatches (checked as tensors are read; the model may then be partially
+    loaded).
+    """
+    pmap = _param_map(model)
+    keys = set(reader.keys())
+    missing = sorted(set(pmap) - keys)
+    # diffusers itself ignores stray norm_added_q tensors in some Wan checkpoints.
+    unexpected = sorted(k for k in keys - set(pmap) if "norm_added_q" not in k)
+    if missing or unexpected:
+        raise WeightsMismatch("Wan DiT weights", missing, unexpected)
+    bad = []
+    for name in sorted(pmap):
+        var, kind = pmap[name]
+        arr = np.asarray(reader[name])
+        want = _torch_shape(var, kind, model.cfg)
+        if tuple(arr.shape) != want:
+            bad.append(f"{name}: checkpoint {tuple(arr.shape)} vs model {want}")
+            continue
+        cur = var.get_value()  # a jax.Array, or a ShapeDtypeStruct for a model from nnx.eval_shape
+        value = jnp.asarray(_to_ours(arr, kind), dtype=cur.dtype)
+        sharding = getattr(cur, "sharding", None)
+        var.set_value(jax.device_put(value, sharding) if sharding is not None else value)
+    if bad:
+        raise WeightsMismatch("Wan DiT weights", shape_mismatch=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants
+# ----------------------------------------------------------------------------------------------
+VARIANTS = {
+    "wan2.1-1.3b": lambda **kw: DiTConfig(**{**dict(
+        num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
+        in_channels=16, out_channels=16, text_dim=4096), **kw}),
+    "wan2.1-14b": lambda **kw: DiTConfig(**{**dict(
+        num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
+        in_channels=16, out_channels=16, text_dim=4096), **kw}),
+    "toy": lambda **kw: DiTConfig(**{**dict(  # CPU training
+        num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4,
+        in_channels=8, out_channels=8, text_dim=128, freq_dim=256), **kw}),
+    "tiny": lambda **kw: DiTConfig(**{**dict(  # = tests/fixtures/wan_dit_tiny
+        num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2,
+        in_channels=4, out_channels=4, text_dim=16, freq_dim=16), **kw}),
+}

@@ -1,0 +1,90 @@
+"""The full text-to-video model: causal VAE + DiT + text encoder, built from a config.
+
+Model configs come from each model file's VARIANTS table plus `overrides` in the run config; the
+DiT's input/output channels and text width are tied to the VAE's latent channels and the text
+encoder's width here so a config cannot get them out of step.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from sorajax.errors import UserError
+from sorajax.models import dit as dit_lib
+from sorajax.models import text as text_lib
+from sorajax.models import vae as vae_lib
+
+
+def _variant(table, name, what):
+    if name not in table:
+        raise UserError(f"{what}.variant: unknown variant {name!r}; known: {sorted(table)}")
+    v = table[name]
+    return v() if callable(v) else v
+
+
+def _replace(cfg, overrides, what):
+    overrides = dict(overrides or {})
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise UserError(f"{what}.overrides: unknown field(s) {bad}; known: {sorted(fields)}")
+    for k, v in overrides.items():
+        if isinstance(v, list):
+            overrides[k] = tuple(v)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def model_configs(config, vocab_size: int | None = None):
+    """(vae_cfg, dit_cfg, text_cfg) for a run config."""
+    vae_cfg = _replace(_variant(vae_lib.VARIANTS, config.vae.variant, "vae"), config.vae.get("overrides"), "vae")
+    text_cfg = _replace(_variant(text_lib.VARIANTS, config.text.variant, "text"), config.text.get("overrides"), "text")
+    if vocab_size is not None:
+        text_cfg = dataclasses.replace(text_cfg, vocab_size=int(vocab_size))
+    dit_cfg = _replace(_variant(dit_lib.VARIANTS, config.dit.variant, "dit"), config.dit.get("overrides"), "dit")
+    dit_cfg = dataclasses.replace(dit_cfg, in_channels=vae_cfg.z_dim, out_channels=vae_cfg.z_dim,
+                                  text_dim=text_cfg.d_model)
+    return vae_cfg, dit_cfg, text_cfg
+
+
+class VideoModel(nnx.Module):
+    """VAE + DiT + text encoder. Sub-modules are attributes `vae`, `dit`, `text`."""
+
+    def __init__(self, vae_cfg, dit_cfg, text_cfg, *, rngs: nnx.Rngs):
+        self.vae = vae_lib.WanVAE(vae_cfg, rngs=rngs)
+        self.dit = dit_lib.WanDiT(dit_cfg, rngs=rngs)
+        self.text = text_lib.UMT5Encoder(text_cfg, rngs=rngs)
+
+    def encode_text(self, ids, mask):
+        """Token ids (B, L) -> DiT context (B, L, D): padded positions are zeros, as in Wan."""
+        return text_lib.encode_prompts(self.text, ids, mask)
+
+    def velocity(self, latents, sigma, context):
+        """v(x_sigma) for latents (B, t, h, w, z) and sigma (B,) or per-token (B, N)."""
+        return self.dit(latents, sigma * 1000.0, context)
+
+    def encode_video(self, frames):
+        """Pixels (B, T, H, W, 3) in [-1, 1] -> normalized latent means (B, t, h, w, z)."""
+        mean, _ = self.vae.encode(frames)
+        return self.vae.normalize(mean)
+
+    def decode_latents(self, latents):
+        """Normalized latents -> pixels in [-1, 1]."""
+        return self.vae.decode(self.vae.denormalize(latents))
+
+
+def build_abstract(config, vocab_size=None):
+    vae_cfg, dit_cfg, text_cfg = model_configs(config, vocab_size)
+    return nnx.eval_shape(lambda: VideoModel(vae_cfg, dit_cfg, text_cfg, rngs=nnx.Rngs(0)))
+
+
+def trainable_filter(config):
+    """NNX filter of the parameters the DiT stage trains: the DiT, and the text encoder when the
+    run trains its own (toy runs) rather than loading a frozen pretrained one."""
+    prefixes = ("dit", "text") if config.text.get("trainable", False) else ("dit",)
+
+    def f(path, value):
+        return isinstance(value, nnx.Param) and len(path) > 0 and path[0] in prefixes
+
+    return f

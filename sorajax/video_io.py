@@ -1,0 +1,146 @@
+"""Writing videos: .mp4 (imageio-ffmpeg), .gif (Pillow), .png contact sheets; reading images/videos.
+
+All writers take frames as float in [0, 1] shaped (N, T, H, W, 3) (N clips side by side) or
+(T, H, W, 3), and write to a temporary name first, then rename: no half-written outputs.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from sorajax.errors import UserError
+
+EXTS = (".mp4", ".gif", ".png")
+
+
+def _to_uint8(frames):
+    f = np.asarray(frames, np.float32)
+    return (np.clip(f, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _grid(frames, pad: int = 2, scale: int = 1):
+    """(N, T, H, W, 3) -> (T, H', W', 3): the N clips tiled in a near-square grid."""
+    f = _to_uint8(frames)
+    if f.ndim == 4:
+        f = f[None]
+    n, t, h, w, c = f.shape
+    if scale > 1:
+        f = f.repeat(scale, axis=2).repeat(scale, axis=3)
+        h, w = h * scale, w * scale
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    out = np.full((t, rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        out[:, y:y + h, x:x + w] = f[i]
+    return out
+
+
+def _auto_scale(h: int) -> int:
+    return max(1, 128 // max(h, 1))
+
+
+def contact_sheet(frames, prompts=None, pad: int = 2):
+    """(N, T, H, W, 3) -> one uint8 image: a row per clip (its frames left to right), the prompt
+    written above each row."""
+    from PIL import Image, ImageDraw
+
+    f = _to_uint8(frames)
+    if f.ndim == 4:
+        f = f[None]
+    n, t, h, w, _ = f.shape
+    s = _auto_scale(h)
+    f = f.repeat(s, axis=2).repeat(s, axis=3)
+    h, w = h * s, w * s
+    label = 14 if prompts else 0
+    out = np.full((n * (h + pad + label) + pad, t * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        y = pad + i * (h + pad + label) + label
+        for j in range(t):
+            x = pad + j * (w + pad)
+            out[y:y + h, x:x + w] = f[i, j]
+    if prompts:
+        img = Image.fromarray(out)
+        draw = ImageDraw.Draw(img)
+        for i, p in enumerate(prompts[:n]):
+            draw.text((pad, pad + i * (h + pad + label)), str(p)[:120], fill=(0, 0, 0))
+        out = np.asarray(img)
+    return out
+
+
+def write(path: str, frames, prompts=None, fps: int = 8) -> str:
+    """Writes frames to .mp4/.gif (clips tiled in a grid) or a .png contact sheet, atomically."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in EXTS:
+        raise UserError(f"unsupported output extension {ext!r}; use one of {', '.join(EXTS)}")
+    d, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.splitext(base)[0]}.tmp{os.getpid()}{ext}")
+    try:
+        if ext == ".png":
+            from PIL import Image
+
+            Image.fromarray(contact_sheet(frames, prompts)).save(tmp)
+        else:
+            f = np.asarray(frames)
+            grid = _grid(f, scale=_auto_scale(f.shape[-3]))
+            if ext == ".gif":
+                from PIL import Image
+
+                imgs = [Image.fromarray(g) for g in grid]
+                imgs[0].save(tmp, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+            else:
+                import imageio.v2 as imageio
+
+                # H.264 wants even sizes: pad the grid by one pixel where needed.
+                t, h, w, _ = grid.shape
+                grid = np.pad(grid, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=255)
+                with imageio.get_writer(tmp, fps=fps, codec="libx264", format="FFMPEG",
+                                        macro_block_size=1, quality=8) as wr:
+                    for g in grid:
+                        wr.append_data(g)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_image(path: str, height: int, width: int):
+    """An image file -> float32 (H, W, 3) in [0, 1], resized. UserError if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC)
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"image {path!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"image {path!r} cannot be read: {e}") from None
+    return np.asarray(img, np.float32) / 255.0
+
+
+def read_video(path: str, frames: int, height: int, width: int):
+    """A video file (.mp4/.gif/...) or .npy (T, H, W, 3) in [0, 1] -> float32 (T, H, W, 3)."""
+    from PIL import Image
+
+    if not os.path.exists(path):
+        raise UserError(f"video {path!r} does not exist")
+    try:
+        if path.endswith(".npy"):
+            arr = np.load(path).astype(np.float32)
+        else:
+            import imageio.v3 as iio
+
+            arr = iio.imread(path, index=None).astype(np.float32) / 255.0
+    except Exception as e:
+        raise UserError(f"video {path!r} cannot be read: {type(e).__name__}") from None
+    if arr.ndim != 4 or arr.shape[-1] < 3:
+        raise UserError(f"video {path!r}: expected (T, H, W, 3) frames, got shape {arr.shape}")
+    arr = arr[..., :3]
+    idx = np.linspace(0, arr.shape[0] - 1, frames).round().astype(int)
+    out = []
+    for i in idx:
+        img = Image.fromarray((np.clip(arr[i], 0, 1) * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+        out.append(np.asarray(img, np.float32) / 255.0)
+    return np.stack(out)

@@ -1,0 +1,175 @@
+"""World-benchmark analyzer and CLI."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from sorajax import evaluate as ev
+from sorajax.data import world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = world.WorldConfig(frames=9, height=32, width=32)
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up",
+            "up-left": "down-right", "down-right": "up-left", "up-right": "down-left",
+            "down-left": "up-right"}
+
+
+def _render(prompts, **override):
+    clips = []
+    for p in prompts:
+        obj = dict(p.spec["objects"][0], **{k: f(p.spec["objects"][0]) for k, f in override.items()})
+        q = ev.EvalPrompt(p.caption, dict(p.spec, objects=[obj]), p.seed)
+        clips.append(ev.render_prompt(q, CFG)["frames"])
+    return clips
+
+
+def test_eval_prompts_cover_the_world():
+    ps = ev.EVAL_PROMPTS
+    assert len(ps) >= 24
+    objs = [p.spec["objects"][0] for p in ps]
+    assert {o["color"] for o in objs} == set(world.COLORS)
+    assert {o["shape"] for o in objs} == set(world.SHAPES)
+    assert {o["size"] for o in objs} == set(world.SIZES)
+    assert {"left", "right", "up", "down", "up-left", "down-right"} <= {o["motion"] for o in objs}
+    for p in ps:
+        assert p.caption == world.caption_from_meta(p.spec)
+        assert len(p.spec["objects"]) == 1 and not p.spec["occluder"]
+    assert len({p.seed for p in ps}) == len(ps)
+
+
+def test_ground_truth_scores_high():
+    clips = _render(ev.EVAL_PROMPTS)
+    r = ev.score_clips(clips, [p.spec for p in ev.EVAL_PROMPTS])
+    m = r["metrics"]
+    for k in ("color_adherence", "direction_adherence", "prompt_adherence"):
+        assert m[k] >= 0.98, (k, m)
+    assert m["shape_adherence"] >= 0.9 and m["size_adherence"] >= 0.9
+    assert all(0.0 <= v <= 1.0 for v in m.values())
+    json.dumps(r)
+    # float [0, 1] input reads the same as uint8
+    f = ev.analyze_clip(clips[0].astype(np.float32) / 255, ev.EVAL_PROMPTS[0].spec)
+    assert f["color_ok"] and f["direction_ok"]
+
+
+def test_robust_to_blur_and_noise():
+    rng = np.random.default_rng(0)
+
+    def degrade(x):
+        x = x.astype(np.float32) / 255
+        for ax in (1, 2):  # 3-tap blur along H and W
+            x = 0.25 * np.roll(x, -1, ax) + 0.5 * x + 0.25 * np.roll(x, 1, ax)
+        return np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1)
+
+    clips = [degrade(c) for c in _render(ev.EVAL_PROMPTS)]
+    m = ev.score_clips(clips, [p.spec for p in ev.EVAL_PROMPTS])["metrics"]
+    assert m["color_adherence"] >= 0.95 and m["direction_adherence"] >= 0.95, m
+
+
+def test_wrong_colour_is_detected():
+    names = list(world.COLORS)
+    clips = _render(ev.EVAL_PROMPTS,
+                    color=lambda o: names[(names.index(o["color"]) + 3) % len(names)])
+    m = ev.score_clips(clips, [p.spec for p in ev.EVAL_PROMPTS])["metrics"]
+    assert m["color_adherence"] <= 0.05, m
+    assert m["direction_adherence"] >= 0.98  # only the colour is wrong
+
+
+def test_reversed_motion_is_detected():
+    moving = [p for p in ev.EVAL_PROMPTS if p.spec["objects"][0]["motion"] != "still"]
+    clips = _render(moving, motion=lambda o: OPPOSITE[o["motion"]])
+    m = ev.score_clips(clips, [p.spec for p in moving])["metrics"]
+    assert m["direction_adherence"] <= 0.05 and m["direction_cosine"] <= 0.05, m
+    assert m["color_adherence"] >= 0.98
+    # Static clips for moving prompts fail; moving clips for still prompts fail.
+    still = _render(moving, motion=lambda o: "still")
+    assert ev.score_clips(still, [p.spec for p in moving])["metrics"]["direction_adherence"] == 0
+    stills = [p for p in ev.EVAL_PROMPTS if p.spec["objects"][0]["motion"] == "still"]
+    assert stills
+    moved = _render(stills, motion=lambda o: "right")
+    assert ev.score_clips(moved, [p.spec for p in stills])["metrics"]["direction_adherence"] == 0
+
+
+def test_blank_clip_fails():
+    r = ev.analyze_clip(np.zeros((9, 32, 32, 3), np.float32), ev.EVAL_PROMPTS[0].spec)
+    assert not r["color_ok"] and not r["direction_ok"]
+
+
+def test_sampling_path_with_a_fake_sampler(tmp_path, monkeypatch):
+    by_caption = {p.caption: p for p in ev.EVAL_PROMPTS}
+    calls = []
+
+    class Pipe:
+        defaults = {"frames": 9, "height": 32, "width": 32, "steps": 4, "guidance": 3.0}
+
+        def generate(self, prompts, *, seed, steps, guidance):
+            calls.append((len(prompts), seed, steps, guidance))
+            return {"frames": np.stack([ev.render_prompt(by_caption[c], CFG)["frames"]
+                                        for c in prompts]).astype(np.float32) / 255}
+
+    fake = types.ModuleType("sorajax.sample")
+    fake.load_pipeline = lambda workdir: Pipe()
+    monkeypatch.setitem(sys.modules, "sorajax.sample", fake)
+    out = tmp_path / "r.json"
+    rep = ev.run_benchmark(out=str(out), workdir=str(tmp_path), seed=1, guidance=2.0)
+    assert rep["metrics"]["prompt_adherence"] >= 0.98
+    assert calls[0] == (8, 1, 4, 2.0) and sum(c[0] for c in calls) == len(ev.EVAL_PROMPTS)
+    assert json.loads(out.read_text())["info"]["steps"] == 4
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "sorajax.evaluate", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_ground_truth_writes_json(tmp_path):
+    out = tmp_path / "gt.json"
+    p = _cli("--ground-truth", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(out.read_text())
+    assert rep["metrics"]["color_adherence"] >= 0.98
+    assert rep["metrics"]["direction_adherence"] >= 0.98
+    assert all(isinstance(v, float) and 0 <= v <= 1 for v in rep["metrics"].values())
+    assert len(rep["videos"]) == len(ev.EVAL_PROMPTS)
+    v = rep["videos"][0]
+    for k in ("prompt", "seed", "color", "displacement", "passed"):
+        assert k in v
+    assert [f for f in os.listdir(tmp_path)] == ["gt.json"]  # no temp files left
+
+
+def test_cli_bad_out_dir_subprocess(tmp_path):
+    p = _cli("--ground-truth", "--out", str(tmp_path / "missing" / "r.json"))
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["--ground-truth", "--out", "{tmp}/missing/r.json"],
+    ["--ground-truth", "--out", "{tmp}/r.txt"],
+    ["--workdir", "{tmp}/nope", "--out", "{tmp}/r.json"],
+    ["--out", "{tmp}/r.json"],
+    ["--ground-truth", "--out", "{tmp}/r.json", "--frames", "0"],
+    ["--ground-truth", "--out", "{tmp}/r.json", "--bogus"],
+    ["--ground-truth"],
+])
+def test_cli_bad_input(tmp_path, capsys, args):
+    # In-process (a subprocess costs ~3 s of imports); same code path as `python -m`.
+    try:
+        rc = ev.main([a.format(tmp=tmp_path) for a in args])
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_help():
+    p = _cli("--help")
+    assert p.returncode == 0 and "--ground-truth" in p.stdout
