@@ -32,20 +32,25 @@ def get_config(arg: str = ""):
     c.data.two_tone_prob = 0.0
 
     # -- models: variants from the model files' VARIANTS tables, plus field overrides.
-    c.vae = ml_collections.ConfigDict(dict(variant="toy", overrides={}))
+    # normalize_latents: after the VAE stage, its latents' per-channel mean/std are measured and
+    # written into vae.overrides (latents_mean/latents_std), as Wan ships them for its VAE.
+    c.vae = ml_collections.ConfigDict(dict(variant="toy", overrides={}, precompute_latents=True,
+                                           normalize_latents=True))
     c.dit = ml_collections.ConfigDict(dict(variant="toy", overrides={}))
     c.text = ml_collections.ConfigDict(dict(variant="toy", overrides={}, vocab_size=192, max_length=24,
                                             trainable=True, tokenizer=""))
 
     # -- VAE stage.
     c.vae_train = ml_collections.ConfigDict()
-    c.vae_train.steps = 1200
-    c.vae_train.batch_size = 16
+    c.vae_train.steps = 800
+    c.vae_train.batch_size = 8
+    c.vae_train.clip_frames = 0  # >0: train on the first N frames only
+    c.vae_train.sample_posterior = False  # deterministic autoencoder: learns much faster on CPU
     c.vae_train.lr = 2e-3
     c.vae_train.warmup_steps = 50
     c.vae_train.kl_weight = 1e-6
     c.vae_train.log_every = 50
-    c.vae_train.ckpt_every = 400
+    c.vae_train.ckpt_every = 200
 
     # -- DiT stage.
     c.train = ml_collections.ConfigDict()
@@ -61,7 +66,7 @@ def get_config(arg: str = ""):
     c.train.text_dropout = 0.1
     c.train.log_every = 50
     c.train.ckpt_every = 500
-    c.train.sample_every = 0  # 0: only at the end of the stage
+    c.train.sample_at_end = True  # sample eval prompts into WORKDIR/samples + TensorBoard
     c.train.max_nonfinite_in_a_row = 20
     c.train.keep_checkpoints = 3
 
@@ -81,7 +86,7 @@ def get_config(arg: str = ""):
         c.data.num_train = 64
         c.data.num_eval = 8
         c.vae_train.steps = 6
-        c.vae_train.batch_size = 4
+        c.vae_train.batch_size = 8
         c.vae_train.log_every = 2
         c.vae_train.ckpt_every = 3
         c.train.steps = 6

@@ -95,11 +95,23 @@ class VAEStage(Stage):
 
         return WanVAE(self.vae_cfg, rngs=rngs)
 
+    def local_batch(self, batch):
+        """Optionally trains on the first `clip_frames` frames: a causal VAE trained on 1 + r
+        frames already sees the cached-chunk path every later chunk takes, at a fraction of the
+        cost."""
+        n = int(self.tcfg.get("clip_frames", 0) or 0)
+        if n and batch["frames"].shape[1] > n:
+            batch = dict(batch, frames=batch["frames"][:, :n])
+        return batch
+
     def loss(self, model, batch, key):
         x = batch["frames"]  # (B, T, H, W, 3) in [-1, 1]
         mean, logvar = model.encode(x)  # (B, t, h, w, z)
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-        rec = model.decode(z)  # (B, T, H, W, 3)
+        if self.tcfg.get("sample_posterior", True):
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        else:  # deterministic autoencoder (toy runs: learns far faster on CPU budgets)
+            z = mean
+        rec = model.decode(z, clip=False)  # (B, T, H, W, 3)
         l1 = jnp.mean(jnp.abs(rec - x))
         l2 = jnp.mean(jnp.square(rec - x))
         kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
@@ -110,9 +122,10 @@ class VAEStage(Stage):
 class DiTStage(Stage):
     name = "dit"
 
-    def __init__(self, config, workdir, tokenizer):
+    def __init__(self, config, workdir, tokenizer, latents=None):
         from sorajax.models import video
 
+        self.latents = latents  # (N, t, h, w, z) normalized VAE latents of the train split, or None
         self.config = config
         self.workdir = workdir
         self.tcfg = config.train
@@ -123,31 +136,11 @@ class DiTStage(Stage):
         self.empty_mask = np.asarray(empty_mask)[0]
 
     def wrap_source(self, source, trainer, mesh):
-        """The VAE is frozen in this stage: encode the training clips once (cached on disk
-        beside the run) instead of in every step."""
-        return LatentSource(source, self.latents(source, trainer, mesh))
-
-    def latents(self, source, trainer, mesh):
-        from tqdm import tqdm
-
-        from sorajax.data.pipeline import decode_example
-
-        path = os.path.join(self.workdir, "latents", f"train_{len(source)}.npy")
-        if os.path.exists(path):
-            return np.load(path, mmap_mode="r")
-        graphdef, state = load_vae_state(self.config, self.workdir, mesh)
-        enc = jax.jit(lambda st, x: nnx.merge(graphdef, st).encode(x)[0])
-        n, bs, out = len(source), 32, []
-        for i in tqdm(range(0, n, bs), desc="encode latents", unit="batch", disable=jax.process_index() != 0):
-            ex = [decode_example(source[j])["frames"] for j in range(i, min(i + bs, n))]
-            x = np.stack(ex + [ex[-1]] * (bs - len(ex)))  # fixed batch: one compile
-            out.append(np.asarray(enc(state, x))[:len(ex)])
-        lat = np.concatenate(out).astype(np.float32)  # (N, t, h, w, z)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + f".tmp{os.getpid()}.npy"
-        np.save(tmp, lat)
-        os.replace(tmp, path)
-        return lat
+        """The VAE is frozen in this stage: the training clips were encoded once
+        (encode_training_latents) instead of in every step."""
+        if self.latents is None:
+            return source
+        return LatentSource(source, self.latents)
 
     def build(self, rngs):
         from sorajax.models.video import VideoModel
@@ -466,7 +459,7 @@ def run_stage(stage: Stage, config, mesh, *, transform=None, meta=None, init_fro
                 raise SystemExit(0)
     bar.close()
     ckpt.close()
-    if on_end is not None and jax.process_index() == 0:
+    if on_end is not None and jax.process_index() == 0 and tcfg.get("sample_at_end", True):
         on_end(state, trainer, writer, step)
     if writer is not None:
         writer.close()
@@ -513,6 +506,14 @@ def validate(config):
             raise UserError(f"stages: unknown stage {s!r}; known: vae, dit")
 
 
+def _write_config(config, workdir):
+    if jax.process_index() == 0:
+        tmp = os.path.join(workdir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            f.write(config_lib.to_json(config))
+        os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
 def train_and_evaluate(config, workdir: str):
     """Runs every stage of `config` in `workdir`; returns the DiT stage's final state."""
     from sorajax import tokenizer as tok_lib
@@ -521,11 +522,7 @@ def train_and_evaluate(config, workdir: str):
     sharding.maybe_initialize_distributed(config)
     mesh = sharding.make_mesh(config.mesh)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        tmp = os.path.join(workdir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            f.write(config_lib.to_json(config))
-        os.replace(tmp, os.path.join(workdir, "config.json"))
+    _write_config(config, workdir)
     out = None
     if "vae" in config.stages:
         vstage = VAEStage(config, workdir)
@@ -536,7 +533,24 @@ def train_and_evaluate(config, workdir: str):
     if "dit" in config.stages:
         tok_path = ensure_tokenizer(config, workdir)
         tokenizer = tok_lib.Tokenizer.load(tok_path)
-        stage = DiTStage(config, workdir, tokenizer)
+        latents = None
+        if config.vae.get("precompute_latents", True):
+            latents = encode_training_latents(config, workdir, mesh, world_source(config, "train"))
+            if config.vae.get("normalize_latents", False):
+                # Per-channel statistics of this VAE's latents become its latents_mean/std (as
+                # Wan ships them), so the DiT sees unit-scale data and the sampler denormalizes.
+                mean = tuple(float(v) for v in latents.mean(axis=(0, 1, 2, 3)))
+                std = tuple(float(v) for v in latents.std(axis=(0, 1, 2, 3)) + 1e-6)
+                with config.unlocked():
+                    config.vae.overrides = dict(config.vae.overrides or {}, latents_mean=mean, latents_std=std)
+                    config.vae.normalize_latents = False  # done: the stats now live in the config
+                _write_config(config, workdir)
+            m, s = (np.asarray(config.vae.overrides[k], np.float32)
+                    if config.vae.overrides and k in config.vae.overrides else None
+                    for k in ("latents_mean", "latents_std"))
+            if m is not None and s is not None:
+                latents = (latents - m) / s
+        stage = DiTStage(config, workdir, tokenizer, latents)
         L = config.text.max_length
 
         def transform(example):  # per example, before batching
@@ -565,6 +579,32 @@ def ensure_tokenizer(config, workdir) -> str:
         caps = all_captions(world_source(config, "train"))
         tok_lib.train_tokenizer(caps, path, config.text.vocab_size)
     return path
+
+
+def encode_training_latents(config, workdir, mesh, source):
+    """VAE latent means of every training clip, (N, t, h, w, z) float32, cached on disk in
+    WORKDIR/latents/ (the VAE is frozen once its stage is done)."""
+    from tqdm import tqdm
+
+    from sorajax.data.pipeline import decode_example
+
+    path = os.path.join(workdir, "latents", f"train_{len(source)}.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    graphdef, state = load_vae_state(config, workdir, mesh)
+    enc = jax.jit(lambda st, x: nnx.merge(graphdef, st).encode(x)[0])
+    n, bs, out = len(source), 32, []
+    for i in tqdm(range(0, n, bs), desc="encode latents", unit="batch", disable=jax.process_index() != 0):
+        ex = [decode_example(source[j])["frames"] for j in range(i, min(i + bs, n))]
+        x = np.stack(ex + [ex[-1]] * (bs - len(ex)))  # fixed batch shape: one compile
+        out.append(np.asarray(enc(state, x))[:len(ex)])
+    lat = np.concatenate(out).astype(np.float32)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}.npy"
+        np.save(tmp, lat)
+        os.replace(tmp, path)
+    return lat
 
 
 def load_vae_state(config, workdir, mesh):

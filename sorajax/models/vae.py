@@ -93,6 +93,9 @@ class _Cache:
 # ----------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------
+# LeCun-uniform conv init (variance 1/fan_in). torch's default (1/3 of that) trains far slower from
+# scratch here: the RMS norms then see residual branches too small to carry the input through.
+_INIT_SCALE = 1.0
 _CONV_DN = {2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
 
 
@@ -105,11 +108,15 @@ class Conv(nnx.Module):
         self.stride = (stride,) * nd if isinstance(stride, int) else tuple(stride)
         self.dtype = cfg.dtype
         # torch's default Conv init (kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))).
-        init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+        init = nnx.initializers.variance_scaling(_INIT_SCALE, "fan_in", "uniform")
         names = (None,) * nd + ("conv_in", "conv_out")
         self.kernel = nnx.Param(init(rngs.params(), (*kernel, cin, cout), cfg.param_dtype),
                                 out_sharding=names)
-        self.bias = nnx.Param(jnp.zeros((cout,), cfg.param_dtype), out_sharding=("conv_out",))
+        # torch's default bias init U(+-1/sqrt(fan_in)); zero biases would make the first RMS norm
+        # erase brightness (W c and W 2c normalize to the same vector), which stalls training.
+        bound = 1.0 / math.sqrt(cin * math.prod(kernel))
+        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (cout,), cfg.param_dtype, -bound, bound),
+                              out_sharding=("conv_out",))
 
     def __call__(self, x: Array, padding=None) -> Array:
         k = self.kernel[...].astype(self.dtype)
@@ -395,11 +402,15 @@ class WanVAE(nnx.Module):
         mean, logvar = jnp.split(h, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
-    def decode(self, z: Array) -> Array:
-        """(B, t, h, w, z) latents -> (B, 1 + r*(t-1), H, W, 3) pixels clipped to [-1, 1]."""
+    def decode(self, z: Array, clip: bool = True) -> Array:
+        """(B, t, h, w, z) latents -> (B, 1 + r*(t-1), H, W, 3) pixels clipped to [-1, 1].
+
+        Training passes clip=False: a clipped output has zero gradient wherever it saturates,
+        which can leave a young decoder stuck outputting -1 everywhere."""
         z = self.post_quant_conv(z.astype(self.cfg.dtype))  # (B, t, h, w, z)
         rest = jnp.swapaxes(z[:, 1:, None], 0, 1)  # (t-1, B, 1, h, w, z)
-        return jnp.clip(_chunked(self.decoder, z[:, :1], rest, self.cfg.remat), -1.0, 1.0)
+        x = _chunked(self.decoder, z[:, :1], rest, self.cfg.remat)
+        return jnp.clip(x, -1.0, 1.0) if clip else x
 
     @staticmethod
     def sample_latent(mean: Array, logvar: Array, key: Array) -> Array:
@@ -496,7 +507,7 @@ VARIANTS: dict[str, Callable[..., VAEConfig]] = {
     # Wan 2.1: 4x8x8 compression, 16 latent channels (~127M parameters).
     "wan2.1": lambda **kw: VAEConfig(latents_mean=_WAN21_MEAN, latents_std=_WAN21_STD, **kw),
     # CPU toy: 4x4x4 compression, 8 latent channels.
-    "toy": lambda **kw: VAEConfig(base_dim=16, z_dim=8, dim_mult=(1, 2, 2), num_res_blocks=1,
+    "toy": lambda **kw: VAEConfig(base_dim=8, z_dim=8, dim_mult=(1, 2, 2), num_res_blocks=1,
                                   temporal_downsample=(True, True), **kw),
     # tests/fixtures/wan_vae_tiny (scripts/make_vae_fixtures.py): 4x8x8, 4 latent channels.
     "tiny": lambda **kw: VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,

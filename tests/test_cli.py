@@ -1,0 +1,109 @@
+"""Commands end to end on a tiny trained run: sample (jitted, compiles once per shape), evaluate,
+and the bad-input contract (one line, exit code 2, no partial output)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT, run_cli
+
+pytestmark = pytest.mark.xdist_group("trained_run")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    r = run_cli(["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", str(d / "run"),
+                 f"--config.data.data_dir={d / 'data'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "run"
+
+
+def test_train_outputs(run_dir):
+    rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    assert rows and all("step" in r and "loss" in r for r in rows)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert (run_dir / "config.json").exists() and (run_dir / "tokenizer" / "spiece.model").exists()
+    assert any(n.endswith(".gif") for n in os.listdir(run_dir / "samples"))
+
+
+def test_sampler_compiles_once_per_shape(run_dir):
+    from sorajax import sample, sampler
+
+    pipe = sample.load_pipeline(workdir=str(run_dir))
+    before = sampler.TRACE_COUNT["sample"]
+    a = pipe.generate(["a large red circle moves right on a black background"], seed=0, steps=2)
+    b = pipe.generate(["a small blue square moves up on a navy background"], seed=1, steps=2, guidance=2.0)
+    c = pipe.generate(["a small blue square moves up on a navy background"], seed=1, steps=2, guidance=2.0)
+    assert sampler.TRACE_COUNT["sample"] - before == 1
+    assert a["frames"].shape == (1, 9, 32, 32, 3)
+    assert a["frames"].min() >= 0 and a["frames"].max() <= 1
+    assert not np.allclose(a["latents"], b["latents"])
+    np.testing.assert_array_equal(b["latents"], c["latents"])  # deterministic
+    pipe.generate(["x"], seed=0, steps=2, frames=5)  # new shape: one more trace
+    assert sampler.TRACE_COUNT["sample"] - before == 2
+
+
+def test_sample_cli_outputs_and_noise_injection(run_dir, tmp_path):
+    base = ["-m", "sorajax.sample", "--workdir", str(run_dir), "--steps", "2",
+            "--prompt", "a large red circle moves right on a black background",
+            "--prompt", "a small green square moves left on a black background"]
+    noise = np.random.default_rng(0).standard_normal((2, 3, 8, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "n.npy", noise)
+    r = run_cli(base + ["--out", str(tmp_path / "v.mp4"), "--noise", str(tmp_path / "n.npy"),
+                        "--save-latents", str(tmp_path / "l1.npy"), "--save-frames", str(tmp_path / "f.npy")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "v.mp4").stat().st_size > 0
+    frames = np.load(tmp_path / "f.npy")
+    assert frames.shape == (2, 9, 32, 32, 3) and frames.dtype == np.float32
+    r = run_cli(base + ["--out", str(tmp_path / "v.png"), "--noise", str(tmp_path / "n.npy"),
+                        "--save-latents", str(tmp_path / "l2.npy"), "--solver", "euler"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "l1.npy"), np.load(tmp_path / "l2.npy"))
+    r = run_cli(base + ["--out", str(tmp_path / "v.gif"), "--solver", "heun"])
+    assert r.returncode == 0 and (tmp_path / "v.gif").stat().st_size > 0
+
+
+def test_evaluate_cli_on_trained_run(run_dir, tmp_path):
+    r = run_cli(["-m", "sorajax.evaluate", "--workdir", str(run_dir), "--out", str(tmp_path / "r.json"),
+                 "--steps", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.load(open(tmp_path / "r.json"))
+    assert set(rep["metrics"]) >= {"color_adherence", "direction_adherence"}
+    assert all(0.0 <= v <= 1.0 for v in rep["metrics"].values())
+    assert len(rep["videos"]) >= 24
+
+
+BAD = [
+    # (argv, words the one-line error must contain)
+    (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
+      "--config.train.nope=1"], "unknown config key"),
+    (["-m", "sorajax.train", "--config", "configs/missing.py", "--workdir", "{tmp}/w"], "no such file"),
+    (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "/proc/sorajax_unwritable"],
+     "--workdir"),
+    (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
+      "--config.data.frames=8"], "1 + 4k"),
+    (["-m", "sorajax.sample", "--checkpoint", "{tmp}/nockpt", "--prompt", "a red circle", "--out", "{tmp}/o.mp4"],
+     "no such directory"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "  ", "--out", "{tmp}/o.mp4"], "empty prompt"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.avi"],
+     "unsupported extension"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.mp4",
+      "--frames", "6"], "--frames"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/nodir/o.mp4"],
+     "does not exist"),
+    (["-m", "sorajax.evaluate", "--workdir", "{tmp}/nothere", "--out", "{tmp}/r.json"], "workdir"),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD, ids=[f"{a[1]}-{w}" for a, w in BAD])
+def test_bad_input_one_line_exit_2_no_partial_output(run_dir, tmp_path, argv, words):
+    argv = [a.format(tmp=tmp_path, run=run_dir) for a in argv]
+    before = set(os.listdir(tmp_path))
+    r = run_cli(argv, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("error:") and words in lines[-1], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert set(os.listdir(tmp_path)) == before  # nothing half-written, no stray workdir
