@@ -30,11 +30,9 @@ def default_prompts() -> list[str]:
 
 
 def _find_tokenizer(run_dir: str, config) -> str:
-    for cand in (os.path.join(run_dir, "tokenizer", "spiece.model"),
-                 os.path.join(run_dir, "tokenizer", "tokenizer.json"),
-                 os.path.join(run_dir, "tokenizer")):
-        if os.path.exists(cand):
-            return cand if not os.path.isdir(cand) else cand
+    cand = os.path.join(run_dir, "tokenizer")
+    if os.path.isdir(cand) and any(os.path.exists(os.path.join(cand, f)) for f in ("spiece.model", "tokenizer.json")):
+        return cand
     if config.text.get("tokenizer"):
         return config.text.tokenizer
     raise UserError(f"{run_dir}: no tokenizer found (expected tokenizer/spiece.model or tokenizer/tokenizer.json)")
@@ -131,15 +129,13 @@ class _null:
         return False
 
 
-def load_pipeline(workdir: str | None = None, checkpoint: str | None = None, *, use_ema: bool = True,
-                  mesh_cfg=None) -> Pipeline:
-    """Restores the newest complete checkpoint of a run dir (or converted checkpoint dir)."""
+def load_model(run_dir: str, *, use_ema: bool = True, mesh_cfg=None, flag: str = "--checkpoint"):
+    """Restores (config, model, tokenizer, mesh) from a run dir or converted checkpoint dir: the
+    newest readable checkpoint, EMA weights when present and asked for, sharded over the mesh."""
     from sorajax import checkpoint as ckpt_lib
     from sorajax import tokenizer as tok_lib
     from sorajax.models import video
 
-    run_dir = workdir or checkpoint
-    flag = "--workdir" if workdir else "--checkpoint"
     if not run_dir or not os.path.isdir(run_dir):
         raise UserError(f"{flag} {run_dir!r}: no such directory")
     cfg_path = os.path.join(run_dir, "config.json")
@@ -150,14 +146,20 @@ def load_pipeline(workdir: str | None = None, checkpoint: str | None = None, *, 
             config = config_lib.from_json(f.read())
     except (json.JSONDecodeError, OSError) as e:
         raise UserError(f"{cfg_path}: unreadable config ({e})") from None
+    if "dit" not in config or "text" not in config or "vae" not in config:
+        raise UserError(f"{flag} {run_dir!r}: not a text-to-video checkpoint (its config has no vae/dit/text)")
     ckdir = os.path.join(run_dir, "checkpoints")
     steps = sorted(int(s) for s in os.listdir(ckdir) if s.isdigit()) if os.path.isdir(ckdir) else []
     if not steps:
         raise UserError(f"{flag} {run_dir!r}: no checkpoint found in {ckdir} (train the DiT stage first)")
-    tokenizer = tok_lib.Tokenizer.load(_find_tokenizer(run_dir, config))
+    try:
+        tokenizer = tok_lib.Tokenizer.load(_find_tokenizer(run_dir, config))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise UserError(f"{flag} {run_dir!r}: tokenizer: {e}") from None
     mesh = sharding.make_mesh(mesh_cfg or config.mesh)
     rules = sharding.normalize_rules(config.get("sharding_rules"))
-    vae_cfg, dit_cfg, text_cfg = video.model_configs(config, vocab_size=tokenizer.vocab_size)
+    vocab = tokenizer.vocab_size if config.text.get("vocab_from_tokenizer", True) else None
+    vae_cfg, dit_cfg, text_cfg = video.model_configs(config, vocab_size=vocab)
     abstract = nnx.eval_shape(lambda: video.VideoModel(vae_cfg, dit_cfg, text_cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_params, abs_frozen = nnx.split(abstract, video.trainable_filter(config), ...)
 
@@ -176,13 +178,23 @@ def load_pipeline(workdir: str | None = None, checkpoint: str | None = None, *, 
             result = ck.restore(step, want)
             break
         except Exception as e:
-            print(f"warning: checkpoint {ckdir}/{step} is unreadable ({type(e).__name__}); trying an older one",
-                  file=sys.stderr)
+            print(f"warning: checkpoint {ckdir}/{step} is unreadable or does not match its config "
+                  f"({type(e).__name__}); trying an older one", file=sys.stderr)
     ck.close()
     if result is None:
         raise UserError(f"{flag} {run_dir!r}: no readable checkpoint, or it does not match this model config")
     params = result.get("ema") or result["model"]["params"]
     model = nnx.merge(graphdef, params, result["model"]["frozen"])
+    return config, model, tokenizer, mesh, (vae_cfg, dit_cfg)
+
+
+def load_pipeline(workdir: str | None = None, checkpoint: str | None = None, *, use_ema: bool = True,
+                  mesh_cfg=None) -> Pipeline:
+    """A Pipeline over the newest complete checkpoint of a run dir (or converted checkpoint dir)."""
+    run_dir = workdir or checkpoint
+    flag = "--workdir" if workdir else "--checkpoint"
+    config, model, tokenizer, mesh, (vae_cfg, dit_cfg) = load_model(
+        run_dir, use_ema=use_ema, mesh_cfg=mesh_cfg, flag=flag)
     gd, state = nnx.split(model)
     return Pipeline(config, gd, state, tokenizer, mesh, vae_cfg, dit_cfg)
 

@@ -130,7 +130,8 @@ class DiTStage(Stage):
         self.workdir = workdir
         self.tcfg = config.train
         self.tokenizer = tokenizer
-        self.cfgs = video.model_configs(config, vocab_size=tokenizer.vocab_size)
+        vocab = tokenizer.vocab_size if config.text.get("vocab_from_tokenizer", True) else None
+        self.cfgs = video.model_configs(config, vocab_size=vocab)
         empty_ids, empty_mask = tokenizer.encode([""], config.text.max_length)[:2]
         self.empty_ids = np.asarray(empty_ids)[0]
         self.empty_mask = np.asarray(empty_mask)[0]
@@ -562,7 +563,7 @@ def train_and_evaluate(config, workdir: str):
 
         meta = {"tokenizer": os.path.relpath(tok_path, workdir), "config": config.to_dict()}
         out = run_stage(stage, config, mesh, transform=transform, meta=meta,
-                        init_from=lambda st, tr: load_vae_into(st, tr, config, workdir, mesh),
+                        init_from=lambda st, tr: init_dit_state(st, tr, config, workdir, mesh),
                         on_end=lambda st, tr, w, s: end_of_training_samples(config, workdir, st, tr, w, s))
     return out
 
@@ -571,6 +572,12 @@ def ensure_tokenizer(config, workdir) -> str:
     """The toy run trains a sentencepiece vocabulary on the training captions (once)."""
     from sorajax import tokenizer as tok_lib
 
+    if config.get("init_from"):  # fine-tuning: the imported model's tokenizer, kept with the run
+        dst = os.path.join(workdir, "tokenizer")
+        if not os.path.isdir(dst):
+            shutil.copytree(os.path.join(config.init_from, "tokenizer"), dst + ".tmp", dirs_exist_ok=True)
+            os.replace(dst + ".tmp", dst)
+        return dst
     if config.text.get("tokenizer"):
         return config.text.tokenizer
     path = os.path.join(workdir, "tokenizer", "spiece.model")
@@ -607,8 +614,18 @@ def encode_training_latents(config, workdir, mesh, source):
     return lat
 
 
+def load_init_model(config, mesh):
+    """The model of `config.init_from` (a converted or trained checkpoint dir), for fine-tuning."""
+    from sorajax.sample import load_model
+
+    return load_model(config.init_from, use_ema=True, mesh_cfg=config.mesh, flag="init_from")[1]
+
+
 def load_vae_state(config, workdir, mesh):
-    """(graphdef, state) of the trained VAE from the VAE stage's newest good checkpoint."""
+    """(graphdef, state) of the frozen VAE: from `init_from` when fine-tuning, else from the
+    VAE stage's newest good checkpoint."""
+    if config.get("init_from"):
+        return nnx.split(load_init_model(config, mesh).vae)
     vstage = VAEStage(config, workdir)
     ck = ckpt_lib.Checkpointer(os.path.join(vstage.workdir, "checkpoints"))
     vtrainer = Trainer(vstage, config, mesh)
@@ -621,8 +638,22 @@ def load_vae_state(config, workdir, mesh):
     return nnx.split(vae_model)
 
 
+def init_dit_state(state, trainer, config, workdir, mesh):
+    """DiT stage init: every weight from `init_from` (fine-tuning an imported or trained model),
+    or else the trained VAE's weights into the frozen part of a fresh state."""
+    if not config.get("init_from"):
+        return load_vae_into(state, trainer, config, workdir, mesh)
+    model = load_init_model(config, mesh)
+    _, params, frozen = nnx.split(model, trainer.stage.trainable(), ...)
+    put = lambda new, old: jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new, old)
+    state["params"] = put(params, state["params"])
+    state["frozen"] = put(frozen, state["frozen"])
+    state["ema"] = jax.tree.map(jnp.copy, state["params"])
+    return state
+
+
 def load_vae_into(state, trainer, config, workdir, mesh):
-    """DiT stage init: copy the trained VAE's parameters into the frozen part of the state."""
+    """Copies the trained VAE's parameters into the frozen part of the DiT stage's state."""
     _, vae_state = load_vae_state(config, workdir, mesh)
     frozen = state["frozen"]
     frozen["vae"] = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding),

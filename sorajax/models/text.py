@@ -315,10 +315,10 @@ def load_transformers(model: UMT5Encoder, reader, *, ignore_prefixes=()) -> None
         if tuple(arr.shape) != tuple(param.shape):
             bad.append(f"{name}: checkpoint {tuple(arr.shape)} vs model {tuple(param.shape)}")
             continue
-        old = param[...]
+        old = param.get_value()  # a jax.Array, or a ShapeDtypeStruct for an abstract model
         new = jnp.asarray(arr, dtype=old.dtype)
         sharding = getattr(old, "sharding", None)
-        param[...] = jax.device_put(new, sharding) if sharding is not None else new
+        param.set_value(jax.device_put(new, sharding) if sharding is not None else new)
     if bad:
         raise WeightsMismatch("text encoder", shape_mismatch=bad)
 

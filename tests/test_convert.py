@@ -1,0 +1,87 @@
+"""Wan 2.1 diffusers folder -> convert -> sample: reproduces diffusers WanPipeline's final latents
+(same weights, prompts, noise, Euler flow-match schedule, steps, guidance) and decoded frames;
+fine-tuning resumes from the imported checkpoint.
+
+Fixture: tests/fixtures/wan_pipeline_tiny (scripts/make_pipeline_fixtures.py)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.helpers import FIXTURES, run_cli
+
+pytestmark = pytest.mark.xdist_group("convert")
+SRC = FIXTURES / "wan_pipeline_tiny"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("conv") / "ckpt"
+    r = run_cli(["scripts/convert_diffusers.py", "--src", str(SRC), "--dst", str(d),
+                 "--frames", "9", "--height", "32", "--width", "48", "--max-length", "16"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def _io():
+    io = dict(np.load(SRC / "io.npz"))
+    meta = json.loads((SRC / "io.json").read_text())
+    return io, meta
+
+
+@pytest.mark.parametrize("guidance,key", [(4.0, "latents_cfg"), (1.0, "latents_nocfg")])
+def test_sample_reproduces_wan_pipeline_latents(ckpt, tmp_path, guidance, key):
+    io, meta = _io()
+    noise = io["noise"].transpose(0, 2, 3, 4, 1)  # diffusers (B, C, F, H, W) -> ours (B, F, H, W, C)
+    np.save(tmp_path / "n.npy", noise)
+    argv = ["-m", "sorajax.sample", "--checkpoint", str(ckpt), "--noise", str(tmp_path / "n.npy"),
+            "--solver", "euler", "--steps", "4", "--guidance", str(guidance), "--shift", "3.0",
+            "--negative-prompt", meta["negative_prompt"], "--save-latents", str(tmp_path / "l.npy"),
+            "--save-frames", str(tmp_path / "f.npy"), "--out", str(tmp_path / "v.png")]
+    for p in meta["prompts"]:
+        argv += ["--prompt", p]
+    r = run_cli(argv)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = np.load(tmp_path / "l.npy")
+    ref = io[key].transpose(0, 2, 3, 4, 1)
+    err = float(np.abs(ours - ref).max())
+    assert err <= 1e-3, err
+    if key == "latents_cfg":
+        frames = np.load(tmp_path / "f.npy")
+        assert frames.shape == io["frames_cfg"].shape
+        assert float(np.abs(frames - io["frames_cfg"]).max()) <= 1e-3
+
+
+def test_convert_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    r = run_cli(["scripts/convert_diffusers.py", "--src", str(bad), "--dst", str(tmp_path / "o")])
+    assert r.returncode == 2 and "missing vae/" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+    # A transformer whose weights do not match its config: missing/unexpected keys are listed.
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(SRC, src)
+    cfg = json.loads((src / "transformer" / "config.json").read_text())
+    cfg["num_layers"] = cfg["num_layers"] + 1
+    (src / "transformer" / "config.json").write_text(json.dumps(cfg))
+    r = run_cli(["scripts/convert_diffusers.py", "--src", str(src), "--dst", str(tmp_path / "o")])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "missing" in r.stderr and "blocks" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.tmp*"))
+
+
+def test_finetune_from_imported_checkpoint(ckpt, tmp_path):
+    wd = tmp_path / "ft"
+    r = run_cli(["-m", "sorajax.train", "--config", f"configs/wan2_1_finetune.py:{ckpt}", "--workdir", str(wd),
+                 f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.num_train=16",
+                 "--config.train.steps=2", "--config.train.log_every=1", "--config.train.ckpt_every=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
+    assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
+    # The fine-tuned run samples like any run.
+    r = run_cli(["-m", "sorajax.sample", "--workdir", str(wd), "--prompt", "a red circle moves right",
+                 "--steps", "2", "--out", str(tmp_path / "ft.gif")])
+    assert r.returncode == 0, r.stderr[-3000:]
