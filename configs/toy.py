@@ -49,12 +49,13 @@ def get_config(arg: str = ""):
     c.vae_train.lr = 2e-3
     c.vae_train.warmup_steps = 50
     c.vae_train.kl_weight = 1e-6
+    c.vae_train.fg_weight = 10.0  # extra loss weight on object pixels (see VAEStage.loss)
     c.vae_train.log_every = 50
     c.vae_train.ckpt_every = 200
 
     # -- DiT stage.
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 3000
+    c.train.steps = 1500
     c.train.batch_size = 32
     c.train.lr = 1e-3
     c.train.warmup_steps = 100
@@ -65,7 +66,7 @@ def get_config(arg: str = ""):
     c.train.ema_decay = 0.999
     c.train.text_dropout = 0.1
     c.train.log_every = 50
-    c.train.ckpt_every = 500
+    c.train.ckpt_every = 250
     c.train.sample_at_end = True  # sample eval prompts into WORKDIR/samples + TensorBoard
     c.train.max_nonfinite_in_a_row = 20
     c.train.keep_checkpoints = 3

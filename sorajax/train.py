@@ -112,8 +112,19 @@ class VAEStage(Stage):
         else:  # deterministic autoencoder (toy runs: learns far faster on CPU budgets)
             z = mean
         rec = model.decode(z, clip=False)  # (B, T, H, W, 3)
-        l1 = jnp.mean(jnp.abs(rec - x))
-        l2 = jnp.mean(jnp.square(rec - x))
+        # Foreground emphasis: pixels far from the clip's background colour (its per-channel
+        # median) weigh 1 + fg_weight. Small objects are a few percent of the pixels, and their
+        # colour is what text conditioning needs the latents to keep.
+        fgw = float(self.tcfg.get("fg_weight", 0.0))
+        if fgw:
+            bg = jnp.median(x.reshape(x.shape[0], -1, x.shape[-1]), axis=1)  # (B, 3)
+            dist = jnp.max(jnp.abs(x - bg[:, None, None, None, :]), axis=-1, keepdims=True)
+            w = 1.0 + fgw * (dist > 0.1).astype(x.dtype)  # (B, T, H, W, 1)
+            w = w / jnp.mean(w)
+        else:
+            w = 1.0
+        l1 = jnp.mean(w * jnp.abs(rec - x))
+        l2 = jnp.mean(w * jnp.square(rec - x))
         kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
         loss = l1 + l2 + self.tcfg.kl_weight * kl
         return loss, {"l1": l1, "l2": l2, "kl": kl}
