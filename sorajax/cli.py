@@ -19,6 +19,9 @@ def run(fn, argv=None) -> int:
         msg = " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr, flush=True)
         return 2
+    except FloatingPointError as e:  # training stopped on repeated non-finite steps
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130

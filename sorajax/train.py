@@ -479,19 +479,21 @@ def run_stage(stage: Stage, config, mesh, *, transform=None, meta=None, init_fro
 
 
 class LatentSource:
-    """Random-access source: the world example with "frames" replaced by its VAE latents."""
+    """Random-access source of {"latents", "caption"} for the DiT stage: the VAE latents of each
+    world clip with its caption, both held in memory (no per-step frame decoding)."""
 
     def __init__(self, base, latents):
-        self.base, self.lat = base, latents
+        self.lat = latents
+        self.captions = []
+        for i in range(len(base)):
+            c = base[i]["caption"]
+            self.captions.append(c.decode() if isinstance(c, bytes) else str(c))
 
     def __len__(self):
-        return len(self.base)
+        return len(self.captions)
 
     def __getitem__(self, i):
-        ex = dict(self.base[i])
-        ex.pop("frames", None)
-        ex["latents"] = np.asarray(self.lat[i], np.float32)
-        return ex
+        return {"latents": np.asarray(self.lat[i], np.float32), "caption": self.captions[i]}
 
 
 def _stage_done(stage_dir, steps) -> bool:

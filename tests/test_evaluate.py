@@ -116,7 +116,7 @@ def test_sampling_path_with_a_fake_sampler(tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     rep = ev.run_benchmark(out=str(out), workdir=str(tmp_path), seed=1, guidance=2.0)
     assert rep["metrics"]["prompt_adherence"] >= 0.98
-    assert calls[0] == (8, 1, 4, 2.0) and sum(c[0] for c in calls) == len(ev.EVAL_PROMPTS)
+    assert calls[0] == (13, 1, 4, 2.0) and sum(c[0] for c in calls) == len(ev.EVAL_PROMPTS)
     assert json.loads(out.read_text())["info"]["steps"] == 4
 
 
