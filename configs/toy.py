@@ -75,7 +75,9 @@ def get_config(arg: str = ""):
     c.flow = ml_collections.ConfigDict(dict(logit_mean=0.0, logit_std=1.0, shift=1.0))
 
     # -- sampling defaults (sorajax.sample / sorajax.evaluate).
-    c.sample = ml_collections.ConfigDict(dict(steps=25, guidance=4.0, shift=1.0, solver="euler",
+    # guidance 8: measured on the demo run, 26 eval prompts: colour 0.92 / direction 0.81 (seed 0) vs
+    # 0.92 / 0.65 at guidance 4 and 0.88 / 0.73 at 6.
+    c.sample = ml_collections.ConfigDict(dict(steps=25, guidance=8.0, shift=1.0, solver="euler",
                                               negative_prompt=""))
 
     # -- mesh and sharding: sizes per axis (-1 = all remaining devices), DCN sizes for slices.
