@@ -1,0 +1,176 @@
+"""TFDS builders (array_record, no TensorFlow needed): the synthetic world.
+
+Frames are stored as a zlib-encoded uint8 `Tensor` (TFDS's Video/Image features need
+TensorFlow); captions as `Text` (decodes to bytes through `tfds.data_source`); the ground
+truth as a JSON string. Each clip shape/count/seed/world setting is its own BuilderConfig whose
+name encodes it, so several coexist in one data_dir:
+
+    DATA_DIR/world/f9_32x32_n2000-64_s0_obj1-3_occ30_<hash>/1.0.0/world-train.array_record-*
+
+Clip seeds are derived from (seed, split, index), so train and validation never share a clip and
+example i of a split is always the same clip (TFDS shuffling is disabled: order = index).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sorajax.data import world as world_lib
+
+SPLIT_IDS = {"train": 0, "validation": 1}
+
+
+@dataclasses.dataclass
+class WorldBuilderConfig(tfds.core.BuilderConfig):
+    frames: int = 9
+    height: int = 32
+    width: int = 32
+    num_train: int = 2000
+    num_eval: int = 64
+    seed: int = 0
+    world_json: str = "{}"  # extra WorldConfig kwargs (sorted JSON), part of the name via a hash
+
+    def world_config(self) -> world_lib.WorldConfig:
+        kw = json.loads(self.world_json)
+        return world_lib.WorldConfig.from_dict(
+            dict(kw, frames=self.frames, height=self.height, width=self.width))
+
+
+def make_config(*, frames: int, height: int, width: int, num_train: int, num_eval: int,
+                seed: int = 0, **world_kwargs) -> WorldBuilderConfig:
+    """A BuilderConfig whose name encodes every setting (readable parts + a hash of the rest)."""
+    # Validate (and normalise) the world kwargs by building a WorldConfig.
+    wc = world_lib.WorldConfig.from_dict(
+        dict(world_kwargs, frames=frames, height=height, width=width))
+    full = wc.to_dict()
+    world_json = json.dumps({k: v for k, v in sorted(full.items())
+                             if k not in ("frames", "height", "width")}, sort_keys=True)
+    digest = hashlib.sha1(world_json.encode()).hexdigest()[:8]
+    name = (f"f{frames}_{height}x{width}_n{num_train}-{num_eval}_s{seed}"
+            f"_obj{wc.min_objects}-{wc.max_objects}_occ{int(round(100 * wc.occluder_prob))}"
+            f"_{digest}")
+    return WorldBuilderConfig(
+        name=name, description=f"synthetic world clips {frames}x{height}x{width}",
+        frames=frames, height=height, width=width, num_train=num_train, num_eval=num_eval,
+        seed=seed, world_json=world_json)
+
+
+def clip_seed(seed: int, split: str, index: int) -> int:
+    """The world seed of example `index` of `split` (uint32, disjoint streams per split)."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, SPLIT_IDS[split], int(index)])
+    return int(ss.generate_state(1, np.uint32)[0])
+
+
+class World(tfds.core.GeneratorBasedBuilder):
+    """Synthetic world clips with captions and JSON ground truth."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIG_CLASS = WorldBuilderConfig
+    BUILDER_CONFIGS = []  # configs are made on demand by make_config
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        c = self.builder_config
+        # DatasetInfo directly (not dataset_info_from_configs, which reads metadata files next
+        # to the builder's module).
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Procedurally rendered captioned clips with ground truth (sorajax).",
+            features=tfds.features.FeaturesDict({
+                "frames": tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3),
+                                               dtype=np.uint8, encoding="zlib"),
+                "caption": tfds.features.Text(),
+                "meta": tfds.features.Text(),  # JSON ground truth
+                "seed": np.int64,
+            }),
+            disable_shuffling=True,  # example i of a split == clip_seed(seed, split, i)
+            homepage="https://example.invalid/sorajax",
+        )
+
+    def _split_generators(self, dl_manager):
+        c = self.builder_config
+        return {"train": self._generate_examples("train", c.num_train),
+                "validation": self._generate_examples("validation", c.num_eval)}
+
+    def _generate_examples(self, split: str, num: int):
+        c = self.builder_config
+        wc = c.world_config()
+        for i in range(num):
+            s = clip_seed(c.seed, split, i)
+            clip = world_lib.generate_clip(s, wc)
+            yield i, {"frames": clip["frames"], "caption": clip["caption"],
+                      "meta": world_lib.meta_to_json(clip["meta"]), "seed": s}
+
+
+def world_builder(data_dir: str, *, config_name: str | None = None, **config_kwargs) -> World:
+    """The World builder for settings `config_kwargs` (see make_config) or an existing
+    `config_name` under data_dir, or the only config under data_dir when neither is given."""
+    data_dir = os.fspath(data_dir)
+    if config_kwargs:
+        config = make_config(**config_kwargs)
+    else:
+        if config_name is None:
+            root = os.path.join(data_dir, "world")
+            names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+            names = [n for n in names if os.path.isdir(os.path.join(root, n, str(World.VERSION)))]
+            if len(names) != 1:
+                raise ValueError(f"{root}: expected exactly one world config, found {names}; "
+                                 "pass config_name= or the world settings")
+            config_name = names[0]
+        path = os.path.join(data_dir, "world", config_name, str(World.VERSION))
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no world dataset at {path}")
+        return tfds.builder_from_directory(path)
+    # TFDS warns "Using custom data configuration" for every on-demand config: expected here.
+    from absl import logging as absl_logging
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        return World(data_dir=data_dir, config=config, file_format="array_record")
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+def build_world(data_dir: str, *, frames: int, height: int, width: int, num_train: int,
+                num_eval: int, seed: int = 0, **world_kwargs) -> World:
+    """Builds the world dataset under data_dir unless it is already there; returns the builder.
+    world_kwargs are WorldConfig fields (min_objects, max_objects, occluder_prob, ...)."""
+    builder = world_builder(data_dir, frames=frames, height=height, width=width,
+                            num_train=num_train, num_eval=num_eval, seed=seed, **world_kwargs)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return builder
+
+
+def load_source(data_dir: str, split: str = "train", *, build: bool = False,
+                config_name: str | None = None, **config_kwargs):
+    """A random-access `tfds.data_source` over a world split. Identify the dataset by its
+    settings (frames=, height=, ... as for build_world; built first if `build`), by
+    `config_name`, or leave both out when data_dir holds a single world config.
+    Elements: {"frames": uint8 (T, H, W, 3), "caption": bytes, "meta": bytes (JSON), "seed": int}.
+    """
+    if build and config_kwargs:
+        builder = build_world(data_dir, **config_kwargs)
+    else:
+        builder = world_builder(data_dir, config_name=config_name, **config_kwargs)
+        if config_kwargs and not builder.is_prepared():
+            raise FileNotFoundError(f"world dataset {builder.builder_config.name} not built "
+                                    f"under {data_dir}; call build_world or pass build=True")
+    return builder.as_data_source(split=split)
+
+
+def decode_example(ex: dict[str, Any]) -> dict[str, Any]:
+    """Bytes → str for the text fields, meta JSON → dict under "meta"."""
+    out = dict(ex)
+    for k in ("caption", "meta"):
+        if isinstance(out.get(k), bytes):
+            out[k] = out[k].decode("utf-8")
+    if isinstance(out.get("meta"), str):
+        out["meta"] = json.loads(out["meta"])
+    return out
