@@ -245,7 +245,7 @@ def score_clips(clips: Sequence, specs: Sequence[dict[str, Any]]) -> dict[str, A
 # Benchmark runner and CLI
 # ----------------------------------------------------------------------------------------------
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """Bad command-line input: reported as one `error:` line, exit code 2."""
 
 
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_benchmark(out=a.out, workdir=a.workdir, ground_truth=a.ground_truth,
                                seed=a.seed, steps=a.steps, guidance=a.guidance, frames=a.frames,
                                height=a.height, width=a.width, batch_size=a.batch_size)
-    except (UsageError, UserError) as e:
+    except UserError as e:  # UsageError included
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     print(json.dumps(report["metrics"], indent=1))

@@ -57,8 +57,6 @@ class Pipeline:
         return tuple(latent_shape(self.vae_cfg, frames, height, width))
 
     def check_shape(self, frames, height, width):
-        from sorajax.models.vae import latent_shape
-
         rt = 2 ** sum(bool(x) for x in self.vae_cfg.temporal_downsample)
         rs = 2 ** (len(self.vae_cfg.dim_mult) - 1)
         ph, pw = self.dit_cfg.patch_size[1], self.dit_cfg.patch_size[2]
@@ -67,7 +65,6 @@ class Pipeline:
         for name, v, p in (("--height", height, ph), ("--width", width, pw)):
             if v <= 0 or v % (rs * p):
                 raise UserError(f"{name} {v}: must be a positive multiple of {rs * p} (VAE stride {rs} x patch {p})")
-        del latent_shape
 
     # -- generation --------------------------------------------------------------------------
     def encode_prompts(self, prompts):
@@ -111,22 +108,14 @@ class Pipeline:
                                 f"(N, t, h, w, z) for {n} prompt(s) at {frames}x{height}x{width}")
         ids, mask = self.encode_prompts(prompts)
         nids, nmask = self.encode_prompts([neg] * n)
-        with jax.sharding.use_mesh(self.mesh) if hasattr(jax.sharding, "use_mesh") else _null():
-            latents, out = sampler.sample(self.graphdef, self.state, noise, ids, mask, nids, nmask,
-                                          steps=steps, shift=shift, guidance=guidance, solver=solver,
-                                          decode=decode)
+        # The restored state already carries its mesh shardings; jit follows them.
+        latents, out = sampler.sample(self.graphdef, self.state, noise, ids, mask, nids, nmask,
+                                      steps=steps, shift=shift, guidance=guidance, solver=solver,
+                                      decode=decode)
         res = {"latents": np.asarray(jax.device_get(latents))}
         if decode:
             res["frames"] = np.asarray(jax.device_get(out), np.float32)
         return res
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def load_model(run_dir: str, *, use_ema: bool = True, mesh_cfg=None, flag: str = "--checkpoint"):

@@ -64,7 +64,7 @@ DEFAULT_RULES = (
 # ----------------------------------------------------------------------------------------------
 # Multi-host initialisation.
 # ----------------------------------------------------------------------------------------------
-def maybe_initialize_distributed(config=None) -> None:
+def maybe_initialize_distributed() -> None:
     """Calls jax.distributed.initialize() when running multi-process.
 
     On Cloud TPU pods and SLURM/GPU clusters JAX discovers the coordinator from the environment;

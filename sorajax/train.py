@@ -88,7 +88,7 @@ class VAEStage(Stage):
         self.config = config
         self.workdir = os.path.join(workdir, "vae")
         self.tcfg = config.vae_train
-        self.vae_cfg, _, _ = video.model_configs(config, vocab_size=8)
+        self.vae_cfg, _, _ = video.model_configs(config)
 
     def build(self, rngs):
         from sorajax.models.vae import WanVAE
@@ -537,7 +537,7 @@ def train_and_evaluate(config, workdir: str):
     from sorajax import tokenizer as tok_lib
 
     validate(config)
-    sharding.maybe_initialize_distributed(config)
+    sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
