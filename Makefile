@@ -9,11 +9,12 @@ DEMO_RUN ?= runs/toy
 DEMO_SAMPLES ?= samples
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test clean help
+.PHONY: venv aot-deps demo test clean help
 
 help:
 	@echo "make demo   - create $(VENV), build the synthetic world, train the toy model, sample, evaluate"
 	@echo "make test   - create/update $(VENV) and run the test suite (8 fake CPU devices)"
+	@echo "make aot-deps - install libtpu into $(VENV)/aot-libtpu for scripts/aot_compile.py"
 	@echo "make clean  - remove runs/, samples/, data/"
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -25,12 +26,20 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $@
 
+# libtpu for the AOT planner (scripts/aot_compile.py), kept off the venv's import path: JAX on a
+# CPU-only machine would otherwise probe for a TPU at every start and print warnings.
+$(VENV)/aot-libtpu/.installed: requirements-aot.txt | $(VENV)/.installed
+	$(PY) -m pip install -q --upgrade --target $(VENV)/aot-libtpu -r requirements-aot.txt
+	@touch $@
+
+aot-deps: $(VENV)/aot-libtpu/.installed
+
 venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) scripts/demo.py --workdir $(DEMO_RUN) --samples $(DEMO_SAMPLES)
 
-test: venv
+test: venv aot-deps
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests $(PYTEST_ARGS)
 
 clean:

@@ -52,6 +52,7 @@ def get_config(arg: str = ""):
     c.vae_train.fg_weight = 10.0  # extra loss weight on object pixels (see VAEStage.loss)
     c.vae_train.log_every = 50
     c.vae_train.ckpt_every = 200
+    c.vae_train.inject_nonfinite_steps = ()  # testing knob: see train.inject_nonfinite_steps
 
     # -- DiT stage.
     c.train = ml_collections.ConfigDict()
@@ -68,7 +69,10 @@ def get_config(arg: str = ""):
     c.train.log_every = 50
     c.train.ckpt_every = 250
     c.train.sample_at_end = True  # sample eval prompts into WORKDIR/samples + TensorBoard
-    c.train.max_nonfinite_in_a_row = 20
+    c.train.max_nonfinite_in_a_row = 20  # NaN/Inf updates are skipped; this many in a row stop the run
+    # Testing knob (fault injection, docs/RELIABILITY.md): the gradients of these steps (1-based, as
+    # in metrics.jsonl) are multiplied by NaN. Leave empty: then the step is not changed at all.
+    c.train.inject_nonfinite_steps = ()
     c.train.keep_checkpoints = 3
 
     # -- rectified flow.

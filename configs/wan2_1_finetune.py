@@ -33,6 +33,7 @@ def get_config(arg: str = ""):
     c.train = ml_collections.ConfigDict(dict(
         steps=100, batch_size=8, lr=1e-5, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, b1=0.9,
         b2=0.999, ema_decay=0.99, text_dropout=0.1, log_every=10, ckpt_every=50, sample_at_end=False,
-        max_nonfinite_in_a_row=20, keep_checkpoints=2))
+        max_nonfinite_in_a_row=20, keep_checkpoints=2,
+        inject_nonfinite_steps=()))  # testing knob (docs/RELIABILITY.md): NaN grads at these steps
     c.vae_train = ml_collections.ConfigDict(dict(steps=0))
     return c

@@ -1,7 +1,8 @@
 """Wan 2.1 T2V 14B architecture (DiT 5120x40, 40 heads; same VAE and UMT5-XXL encoder).
 
-    python -m sorajax.train --config configs/wan2_1_t2v_14b.py --workdir gs://BUCKET/runs/wan14b \\
+    python -m sorajax.train --config configs/wan2_1_t2v_14b.py --workdir /mnt/gcs/runs/wan14b \\
         --config.text.tokenizer=/path/to/umt5-xxl-tokenizer
+/mnt/gcs = a Cloud Storage bucket mounted with gcsfuse on every worker (docs/RELIABILITY.md).
 Tiny variant (tests): python -m sorajax.train --config configs/wan2_1_t2v_14b.py:runlocal --workdir /tmp/t
 """
 import importlib.util

@@ -5,9 +5,10 @@ and fine-tune with configs/wan2_1_finetune.py. This config trains the architectu
 given tokenizer (frozen UMT5 text encoder, `text.tokenizer` = a folder with spiece.model or
 tokenizer.json), e.g. on a TPU VM:
 
-    python -m sorajax.train --config configs/wan2_1_t2v_1p3b.py --workdir gs://BUCKET/runs/wan1p3b \\
+    python -m sorajax.train --config configs/wan2_1_t2v_1p3b.py --workdir /mnt/gcs/runs/wan1p3b \\
         --config.text.tokenizer=/path/to/umt5-xxl-tokenizer
 
+/mnt/gcs = a Cloud Storage bucket mounted with gcsfuse on every worker (docs/RELIABILITY.md).
 Tiny variant (same code paths, tiny sizes; used by tests):
     python -m sorajax.train --config configs/wan2_1_t2v_1p3b.py:runlocal --workdir /tmp/wan_tiny
 """
@@ -33,11 +34,14 @@ def get_config(arg: str = "", dit_variant: str = "wan2.1-1.3b"):
                                             vocab_from_tokenizer=False, tokenizer="", vocab_size=0))
     c.vae_train = ml_collections.ConfigDict(dict(
         steps=100_000, batch_size=64, lr=1e-4, warmup_steps=1000, kl_weight=1e-6, fg_weight=0.0,
-        clip_frames=0, sample_posterior=True, log_every=100, ckpt_every=2000))
+        clip_frames=0, sample_posterior=True, log_every=100, ckpt_every=2000,
+        inject_nonfinite_steps=()))
     c.train = ml_collections.ConfigDict(dict(
         steps=200_000, batch_size=256, lr=1e-4, warmup_steps=2000, weight_decay=0.0, grad_clip=1.0,
         b1=0.9, b2=0.999, ema_decay=0.9999, text_dropout=0.1, log_every=100, ckpt_every=2000,
-        sample_at_end=True, max_nonfinite_in_a_row=20, keep_checkpoints=3))
+        sample_at_end=True, max_nonfinite_in_a_row=20, keep_checkpoints=3,
+        # Testing knob (docs/RELIABILITY.md): NaN gradients at these 1-based steps; keep empty.
+        inject_nonfinite_steps=()))
     c.flow = ml_collections.ConfigDict(dict(logit_mean=0.0, logit_std=1.0, shift=3.0))
     c.sample = ml_collections.ConfigDict(dict(steps=50, guidance=5.0, shift=3.0, solver="unipc", negative_prompt=""))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1,

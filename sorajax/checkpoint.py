@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
+
+from sorajax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +58,49 @@ class Checkpointer:
 
     def restore_latest_good(self, abstract: dict):
         """Restores the newest checkpoint that reads back; names and skips unreadable ones.
-        Returns (step, items) or None when there is no readable checkpoint."""
+        Returns (step, items), or None when there is no checkpoint at all.
+
+        Skipped (newer) steps are moved aside to STEP.unreadable once an older one restored:
+        left in place, the run could not save that step again (Orbax refuses an existing or
+        older step). When none reads back, nothing is moved and UserError is raised: that is
+        a config that does not match the checkpoints far more often than all of them being
+        corrupt, and starting over from scratch would silently lose the run."""
+        bad = []
         for step in reversed(self.all_steps()):
             try:
-                return step, self.restore(step, abstract)
+                items = self.restore(step, abstract)
             except Exception as e:  # truncated/corrupt files: fall back to an older step
                 first = str(e).splitlines()[0][:200] if str(e) else ""
+                bad.append((step, f"{type(e).__name__}: {first}"))
                 msg = (f"checkpoint {os.path.join(self.directory, str(step))} is unreadable "
-                       f"({type(e).__name__}: {first}); skipping it")
+                       f"({bad[-1][1]}); skipping it")
                 log.warning(msg)
                 print(f"warning: {msg}", flush=True)
+                continue
+            if bad:
+                self._move_aside([s for s, _ in bad])
+            return step, items
+        if bad:
+            raise UserError(
+                f"no checkpoint in {self.directory} can be restored (newest, step {bad[0][0]}: "
+                f"{bad[0][1]}); if the config changed, use a new --workdir; if the files are "
+                f"damaged, move the step directories away to start over")
         return None
+
+    def _move_aside(self, steps):
+        if jax.process_index() == 0:
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                dst = src + ".unreadable"
+                if os.path.exists(dst):
+                    dst += f"-{int(time.time())}"
+                os.replace(src, dst)
+                print(f"warning: moved {src} to {dst}", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sorajax_checkpoint_move_aside")
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()

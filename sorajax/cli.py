@@ -43,3 +43,20 @@ def check_writable_output(path: str, exts: tuple[str, ...], flag: str) -> None:
         raise UserError(f"{flag} {path!r}: directory {d!r} does not exist")
     if not os.access(d, os.W_OK):
         raise UserError(f"{flag} {path!r}: directory {d!r} is not writable")
+    probe_writable_dir(d, f"{flag} {path!r}")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r}: is a directory")
+
+
+def probe_writable_dir(d: str, what: str) -> None:
+    """Creates and removes a temporary file in `d`: os.access says yes to root on read-only
+    or pseudo file systems (/proc, a read-only mount) where creating the output would fail
+    only after all the work is done."""
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".sorajax-probe-", dir=d)
+    except OSError as e:
+        raise UserError(f"{what}: cannot create files in {d!r} ({e.strerror or e})") from None
+    os.close(fd)
+    os.remove(tmp)

@@ -18,6 +18,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise UserError(f"--config: no such file {path!r}")
     modname = "sorajax_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(modname, path)
+    if module_spec is None or module_spec.loader is None:
+        raise UserError(f"--config: {path!r} is not a Python config file (configs/NAME.py)")
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)

@@ -142,6 +142,9 @@ def convert(src: str, dst: str, *, frames: int = 81, height: int = 480, width: i
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise UserError(f"--dst {dst!r}: parent directory is missing or not writable")
+    from sorajax.cli import probe_writable_dir
+
+    probe_writable_dir(parent, f"--dst {dst!r}")  # before the conversion, not after
 
     from sorajax import tokenizer as tok_lib
 
@@ -151,6 +154,14 @@ def convert(src: str, dst: str, *, frames: int = 81, height: int = 480, width: i
         raise UserError(f"{src}/tokenizer: {e}") from None
     config = run_config(src, frames=frames, height=height, width=width, max_length=max_length)
     vae_cfg, dit_cfg, text_cfg = video.model_configs(config)
+    rt, rs = vae_cfg.temporal_stride, vae_cfg.spatial_stride
+    if frames < 1 or (frames - 1) % rt:
+        raise UserError(f"--frames {frames}: this model takes 1 + {rt}k frames (1, {1 + rt}, {1 + 2 * rt}, ...)")
+    for flag, v, p in (("--height", height, dit_cfg.patch_size[1]), ("--width", width, dit_cfg.patch_size[2])):
+        if v < 1 or v % (rs * p):
+            raise UserError(f"{flag} {v}: must be a positive multiple of {rs * p} (VAE stride {rs} x patch {p})")
+    if max_length < 2:
+        raise UserError(f"--max-length {max_length}: must be >= 2 (tokens and </s>)")
     model = nnx.eval_shape(lambda: video.VideoModel(vae_cfg, dit_cfg, text_cfg, rngs=nnx.Rngs(0)))
     load_weights(model, src)
     _, params, frozen = nnx.split(model, video.trainable_filter(config), ...)

@@ -257,6 +257,9 @@ def _check_out(out: str) -> str:
         raise UsageError(f"--out directory does not exist: {parent}")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"--out directory is not writable: {parent}")
+    from sorajax.cli import probe_writable_dir
+
+    probe_writable_dir(parent, f"--out {out!r}")  # before sampling, not after
     if os.path.isdir(out):
         raise UsageError(f"--out is a directory: {out}")
     return out
@@ -264,7 +267,10 @@ def _check_out(out: str) -> str:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=parent)
+    except OSError as e:  # e.g. a read-only or pseudo file system that os.access calls writable
+        raise UsageError(f"--out {path!r}: cannot create files in {parent!r} ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)

@@ -89,9 +89,13 @@ class Pipeline:
         if steps < 1:
             raise UserError(f"--steps {steps}: must be >= 1")
         guidance = d["guidance"] if guidance is None else float(guidance)
+        if not np.isfinite(guidance):
+            raise UserError(f"--guidance {guidance}: must be a finite number (1 = no guidance)")
         shift = d["shift"] if shift is None else float(shift)
-        if shift <= 0:
-            raise UserError(f"--shift {shift}: must be > 0")
+        if not shift > 0 or not np.isfinite(shift):
+            raise UserError(f"--shift {shift}: must be a finite number > 0")
+        if not -2**63 <= int(seed) < 2**63:
+            raise UserError(f"--seed {seed}: must be a 64-bit integer")
         solver = d["solver"] if solver is None else solver
         if solver not in sampler.SOLVERS:
             raise UserError(f"--solver {solver!r}: choose from {', '.join(sampler.SOLVERS)}")
@@ -111,7 +115,8 @@ class Pipeline:
         # The restored state already carries its mesh shardings; jit follows them.
         latents, out = sampler.sample(self.graphdef, self.state, noise, ids, mask, nids, nmask,
                                       steps=steps, shift=shift, guidance=guidance, solver=solver,
-                                      decode=decode)
+                                      decode=decode, mesh=self.mesh,
+                                      rules=self.config.get("sharding_rules"))
         res = {"latents": np.asarray(jax.device_get(latents))}
         if decode:
             res["frames"] = np.asarray(jax.device_get(out), np.float32)
@@ -180,8 +185,8 @@ def load_model(run_dir: str, *, use_ema: bool = True, mesh_cfg=None, flag: str =
 def load_pipeline(workdir: str | None = None, checkpoint: str | None = None, *, use_ema: bool = True,
                   mesh_cfg=None) -> Pipeline:
     """A Pipeline over the newest complete checkpoint of a run dir (or converted checkpoint dir)."""
-    run_dir = workdir or checkpoint
-    flag = "--workdir" if workdir else "--checkpoint"
+    run_dir = workdir if workdir is not None else checkpoint
+    flag = "--workdir" if workdir is not None else "--checkpoint"
     config, model, tokenizer, mesh, (vae_cfg, dit_cfg) = load_model(
         run_dir, use_ema=use_ema, mesh_cfg=mesh_cfg, flag=flag)
     gd, state = nnx.split(model)
@@ -228,8 +233,14 @@ def _save_npy(path, arr):
     from sorajax.cli import atomic_target
 
     tmp = atomic_target(path) + ".npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    try:
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path!r}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _main(argv):

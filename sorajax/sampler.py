@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sorajax import flow
+from sorajax import flow, sharding
 
 SOLVERS = ("euler", "heun", "unipc")
 
@@ -104,8 +104,14 @@ _SOLVER_FNS = {"euler": _euler, "heun": _heun, "unipc": _unipc}
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool):
-    def run(state, noise, ids, mask, neg_ids, neg_mask, sigmas, guidance):
+def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rules=None):
+    def run(*args):
+        if mesh is None:
+            return _run(*args)
+        with sharding.activation_rules(mesh, rules):  # sequence-sharded DiT / VAE activations
+            return _run(*args)
+
+    def _run(state, noise, ids, mask, neg_ids, neg_mask, sigmas, guidance):
         TRACE_COUNT["sample"] += 1
         model = nnx.merge(graphdef, state)
         ctx = model.encode_text(ids, mask)  # (B, L, D)
@@ -121,11 +127,15 @@ def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool):
 
 
 def sample(graphdef, state, noise, ids, mask, neg_ids, neg_mask, *, steps: int, shift: float,
-           guidance: float, solver: str = "euler", decode: bool = True):
-    """Runs the compiled sampler. Returns (latents, frames in [0, 1] or None)."""
+           guidance: float, solver: str = "euler", decode: bool = True, mesh=None, rules=None):
+    """Runs the compiled sampler. Returns (latents, frames in [0, 1] or None). With `mesh` (and
+    the config's sharding `rules`), activations follow the rules: context-parallel attention and
+    the row-sharded VAE when the mesh has a context axis."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; known: {SOLVERS}")
     sigmas = jnp.asarray(flow.flow_match_sigmas(int(steps), float(shift)))
     use_cfg = guidance is not None and float(guidance) != 1.0
-    fn = _compiled(graphdef, solver, use_cfg, decode)
+    if mesh is not None:
+        rules = sharding.normalize_rules(rules)
+    fn = _compiled(graphdef, solver, use_cfg, decode, mesh, rules)
     return fn(state, noise, ids, mask, neg_ids, neg_mask, sigmas, jnp.float32(guidance or 1.0))

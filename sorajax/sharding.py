@@ -23,10 +23,13 @@ LOGICAL_AXES = {
     "time": "frames (pixel or latent) of a video",
     "modulation": "adaLN modulation slots (shift/scale/gate)",
     "rel_buckets": "relative-position buckets of T5 attention bias",
+    "height": "pixel / latent rows of a video activation (the VAE's spatial sequence axis)",
+    "width": "pixel / latent columns of a video activation",
 }
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
+import contextlib
 import logging
 import math
 from typing import Any, Sequence
@@ -58,6 +61,8 @@ DEFAULT_RULES = (
     ("time", None),
     ("modulation", None),
     ("rel_buckets", None),
+    ("height", "context"),
+    ("width", "context"),  # used only where rows do not divide (an axis is used once per array)
 )
 
 
@@ -75,6 +80,10 @@ def maybe_initialize_distributed() -> None:
 
     env = os.environ
     explicit = env.get("JAX_COORDINATOR_ADDRESS")
+    if explicit and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+        # CPU hosts (tests, fake devices) need cross-process collectives; harmless elsewhere.
+        if str(jax.config.jax_cpu_collectives_implementation or "none").lower() == "none":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
         jax.distributed.initialize(
             coordinator_address=explicit,
@@ -83,6 +92,12 @@ def maybe_initialize_distributed() -> None:
         )
     elif env.get("TPU_WORKER_HOSTNAMES") or env.get("SLURM_JOB_ID") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # JAX writes the persistent compilation cache from process 0 only, and on CPU its key
+        # holds a per-process topology fingerprint, so only process 0 ever hits it. Its first
+        # collective then waits for the others' full compile, past gloo's fixed 30 s rendezvous
+        # timeout ("Gloo context initialization failed"). All processes compile instead.
+        jax.config.update("jax_enable_compilation_cache", False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +238,23 @@ def data_parallel_size(mesh, rules) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def global_batch(local: dict, mesh, rules) -> dict:
-    """Assembles process-local numpy batches into global jax.Arrays sharded over the batch axes."""
+def process_batch_rows(mesh, rules, batch_size: int) -> np.ndarray:
+    """Sorted rows of a global batch of `batch_size` that this process's devices hold in the
+    batch sharding: what this process's input pipeline must read (data.pipeline rows=), so the
+    global batch is the same whatever the process count or mesh."""
+    s = batch_sharding(mesh, rules, 1)
+    rows: set[int] = set()
+    for idx in s.addressable_devices_indices_map((batch_size,)).values():
+        rows.update(range(*idx[0].indices(batch_size)))
+    return np.asarray(sorted(rows), np.int64)
+
+
+def global_batch(local: dict, mesh, rules, batch_size: int | None = None) -> dict:
+    """Assembles process-local numpy batches into global jax.Arrays sharded over the batch axes.
+
+    With `batch_size` (the global batch) the local rows are `process_batch_rows(mesh, rules,
+    batch_size)` of the global batch, in that order; without it each process's rows are assumed
+    to be its contiguous share (jax.make_array_from_process_local_data's inference)."""
     out = {}
     for k, v in local.items():
         if not isinstance(v, np.ndarray) or v.dtype == object:
@@ -232,6 +262,58 @@ def global_batch(local: dict, mesh, rules) -> dict:
         sharding = batch_sharding(mesh, rules, v.ndim)
         if jax.process_count() == 1:
             out[k] = jax.device_put(v, sharding)
+        elif batch_size is not None:
+            out[k] = jax.make_array_from_process_local_data(
+                sharding, v, (int(batch_size),) + v.shape[1:])
         else:
             out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (no-op in a single process): every process must call it, in
+    the same order; used where process 0 writes files that the others then read."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation shardings: model code names logical axes, the active (mesh, rules) decide.
+# ----------------------------------------------------------------------------------------------
+_ACTIVE: list = []  # stack of (mesh, rules); the top one is used while tracing
+
+
+@contextlib.contextmanager
+def activation_rules(mesh, rules):
+    """Makes `constrain` and the context-parallel attention see `mesh` and `rules` while a
+    function is traced (wrap the body of a jitted function, not the call)."""
+    _ACTIVE.append((mesh, normalize_rules(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def active():
+    """(mesh, rules) of the innermost `activation_rules`, or (None, None)."""
+    return _ACTIVE[-1] if _ACTIVE else (None, None)
+
+
+def constrain(x, names):
+    """with_sharding_constraint from logical names; a no-op outside `activation_rules` or on a
+    1-device mesh. Mesh axes that do not divide a dimension are dropped (logical_to_spec)."""
+    mesh, rules = active()
+    if mesh is None or mesh.size == 1:
+        return x
+    spec = logical_to_spec(names, rules, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def logical_spec(names, shape=None) -> P | None:
+    """PartitionSpec of logical names under the active rules (None outside activation_rules)."""
+    mesh, rules = active()
+    if mesh is None:
+        return None
+    return logical_to_spec(names, rules, mesh, shape)

@@ -40,14 +40,16 @@ def world_source(config, split: str):
     from sorajax.data import builders
 
     d = config.data
-    builders.build_world(
-        d.data_dir, frames=d.frames, height=d.height, width=d.width, num_train=d.num_train,
-        num_eval=d.num_eval, seed=d.seed, min_objects=d.min_objects, max_objects=d.max_objects,
-        occluder_prob=d.occluder_prob, two_tone_prob=d.two_tone_prob)
-    return builders.load_source(
-        d.data_dir, split, frames=d.frames, height=d.height, width=d.width, num_train=d.num_train,
-        num_eval=d.num_eval, seed=d.seed, min_objects=d.min_objects, max_objects=d.max_objects,
-        occluder_prob=d.occluder_prob, two_tone_prob=d.two_tone_prob)
+    kw = dict(frames=d.frames, height=d.height, width=d.width, num_train=d.num_train,
+              num_eval=d.num_eval, seed=d.seed, min_objects=d.min_objects, max_objects=d.max_objects,
+              occluder_prob=d.occluder_prob, two_tone_prob=d.two_tone_prob)
+    if jax.process_index() == 0:  # multi-process: only process 0 builds (train_and_evaluate syncs)
+        try:
+            builders.build_world(d.data_dir, **kw)
+        except OSError as e:  # an unwritable or odd data_dir: one line, not a traceback
+            raise UserError(f"data.data_dir={d.data_dir!r}: cannot build the dataset there "
+                            f"({e.strerror or e})") from None
+    return builders.load_source(d.data_dir, split, **kw)
 
 
 def all_captions(source) -> list[str]:
@@ -274,11 +276,35 @@ class Trainer:
         step = state["train"]["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["train"]["rng"]), step)
 
-        def loss_fn(params):
+        def loss_fn(params, batch, key):
             model = nnx.merge(self.graphdef, params, state["frozen"])
             return self.stage.loss(model, batch, key)
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        accum = int(self.stage.tcfg.get("grad_accum", 1) or 1)
+        if accum == 1:
+            (loss, aux), grads = grad_fn(state["params"], batch, key)
+        else:
+            # Gradient accumulation: micro-batch i takes rows i, i+k, i+2k... so that each
+            # device's rows stay on that device (no resharding); mean of k micro-steps.
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                out = grad_fn(state["params"], mb, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, out), None
+
+            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro), key))
+            total, _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+            (loss, aux), grads = jax.tree.map(lambda x: x / accum, total)
+        # Fault injection (tests only; empty by default, and then not even traced): the gradients
+        # of the listed steps (numbered as in metrics.jsonl, 1-based) are multiplied by NaN.
+        inject = tuple(int(s) for s in (self.stage.tcfg.get("inject_nonfinite_steps", ()) or ()))
+        if inject:
+            bad = jnp.isin(step + 1, jnp.asarray(inject, jnp.int32))
+            grads = jax.tree.map(lambda g: g * jnp.where(bad, jnp.nan, 1.0).astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)
         updates, new_opt = self.tx.update(grads, state["opt"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
@@ -305,14 +331,20 @@ class Trainer:
             },
         }
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(step),
-                   "skipped": (~ok).astype(jnp.int32), **aux}
+                   "skipped": (~ok).astype(jnp.int32),
+                   "nonfinite_in_a_row": new_state["train"]["nonfinite_in_a_row"],
+                   "nonfinite_total": new_state["train"]["nonfinite_total"], **aux}
         return new_state, metrics
 
     def step_fn(self):
         if self._step is None:
             rep = sharding.replicated(self.mesh)
+            def traced(state, batch):  # activation shardings follow the config's rules
+                with sharding.activation_rules(self.mesh, self.rules):
+                    return self._step_fn(state, batch)
+
             self._step = jax.jit(
-                self._step_fn,
+                traced,
                 in_shardings=(self.shardings, None),
                 out_shardings=(self.shardings, rep),
                 donate_argnums=(0,),
@@ -324,11 +356,27 @@ class Trainer:
 # The loop.
 # ==============================================================================================
 class _Stop:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit 0."""
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit 0.
+
+    Multi-process: the processes must stop at the same step (the save is collective), but a
+    signal reaches each at a different moment; `agree()`, called by all once per step, makes
+    `requested` true everywhere as soon as any process has been signalled."""
 
     def __init__(self):
-        self.requested = False
+        self.signalled = False
+        self._agreed = False
         self._old = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled if jax.process_count() == 1 else self._agreed
+
+    def agree(self):
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.asarray(self.signalled, np.int32))
+            self._agreed = bool(np.any(flags))
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -339,7 +387,7 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.signalled = True
         print(f"\nreceived signal {signum}: finishing this step, saving a checkpoint, then exiting",
               flush=True)
 
@@ -361,10 +409,10 @@ def _truncate_metrics(path, upto_step):
     keep = []
     with open(path) as f:
         for line in f:
-            try:
+            try:  # a line cut short by a kill -9 is dropped; a kept line always ends the line
                 if json.loads(line).get("step", 0) <= upto_step:
-                    keep.append(line)
-            except json.JSONDecodeError:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, AttributeError):
                 pass
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -388,15 +436,23 @@ def run_stage(stage: Stage, config, mesh, *, transform=None, meta=None, init_fro
     if tcfg.batch_size % dp:
         raise UserError(f"{stage.name} batch_size={tcfg.batch_size} does not divide over the "
                         f"{dp} data-parallel devices of the mesh")
+    accum = int(tcfg.get("grad_accum", 1) or 1)
+    if accum < 1 or tcfg.batch_size % (dp * accum):
+        raise UserError(f"{stage.name} grad_accum={accum}: batch_size={tcfg.batch_size} must divide "
+                        f"into {accum} micro-batches over {dp} data-parallel devices")
     nproc = jax.process_count()
     if tcfg.batch_size % nproc:
         raise UserError(f"{stage.name} batch_size={tcfg.batch_size} does not divide over {nproc} processes")
     source = world_source(config, "train")
     if hasattr(stage, "wrap_source"):
         source = stage.wrap_source(source, trainer, mesh)
+    # Every process walks the same global batches and reads only the rows its devices hold, so
+    # the data at each step does not depend on the process count or the mesh (and neither does
+    # the iterator state saved with checkpoints).
+    rows = sharding.process_batch_rows(mesh, trainer.rules, tcfg.batch_size)
     it = pipeline.make_iterator(source, batch_size=tcfg.batch_size,
                                 seed=config.seed + (0 if stage.name == "vae" else 17),
-                                transform=transform)
+                                transform=transform, rows=rows)
 
     abstract = trainer.abstract_target()
     restored = ckpt.restore_latest_good({
@@ -414,7 +470,8 @@ def run_stage(stage: Stage, config, mesh, *, transform=None, meta=None, init_fro
         if init_from is not None:
             state = init_from(state, trainer)
     metrics_path = os.path.join(stage.workdir, "metrics.jsonl")
-    _truncate_metrics(metrics_path, step0)
+    if jax.process_index() == 0:
+        _truncate_metrics(metrics_path, step0)
 
     writer = None
     if jax.process_index() == 0:
@@ -436,12 +493,25 @@ def run_stage(stage: Stage, config, mesh, *, transform=None, meta=None, init_fro
     pending = None
     bar = tqdm(total=total, initial=step0, desc=f"train {stage.name}", unit="step",
                disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=1.0)
+
+    def nonfinite_stop(bad_run, step):
+        bar.close()
+        ckpt.wait()  # a save in flight finishes: it holds the last good state
+        last = ckpt.latest_step()
+        ckpt.close()
+        kept = f"{ckpt.directory}/{last}" if last is not None else f"none written yet in {ckpt.directory}"
+        raise FloatingPointError(
+            f"{stage.name}: {bad_run} non-finite losses/gradients in a row at step {step} "
+            f"(train.max_nonfinite_in_a_row={max_bad}); stopped; last good checkpoint: {kept}")
+
     with _Stop() as stop:
         while step < total:
             local = next(it)
-            batch = sharding.global_batch(stage.local_batch(local), mesh, trainer.rules)
+            batch = sharding.global_batch(stage.local_batch(local), mesh, trainer.rules,
+                                          batch_size=tcfg.batch_size)
             state, m = step_fn(state, batch)
             step += 1
+            stop.agree()
             pending = m
             log_now = step % tcfg.log_every == 0 or step == total
             if log_now:
@@ -457,17 +527,21 @@ def run_stage(stage: Stage, config, mesh, *, transform=None, meta=None, init_fro
                         writer.add_scalar(f"{stage.name}/{k}", v, step)
                 bar.set_postfix(loss=f"{host['loss']:.4f}", sps=f"{sps:.2f}")
                 if bad_run >= max_bad:
-                    bar.close()
-                    ckpt.close()
-                    raise FloatingPointError(
-                        f"{stage.name}: {bad_run} non-finite losses/gradients in a row at step {step}; "
-                        f"stopped (last good checkpoint kept in {ckpt.directory})")
+                    nonfinite_stop(bad_run, step)
             bar.update(1)
-            if step % tcfg.ckpt_every == 0 or step == total:
-                save(step)
+            if step % tcfg.ckpt_every == 0 or step == total or stop.requested:
+                # No checkpoint inside a run of skipped (non-finite) steps: the one written before
+                # the run began is the last good one that a stop keeps (the skipped steps left the
+                # weights as they were, so nothing is lost). A preemption or the last step saves.
+                bad_run = int(jax.device_get(state["train"]["nonfinite_in_a_row"]))
+                if bad_run >= max_bad:
+                    nonfinite_stop(bad_run, step)
+                if bad_run and step != total and not stop.requested:
+                    print(f"[{stage.name}] step {step}: {bad_run} non-finite step(s) in a row; "
+                          f"not checkpointing until an update succeeds", flush=True)
+                else:
+                    save(step, force=stop.requested)
             if stop.requested:
-                if step % tcfg.ckpt_every and step != total:
-                    save(step, force=True)
                 ckpt.close()
                 bar.close()
                 print(f"[{stage.name}] stopped at step {step}; checkpoint saved in {ckpt.directory}",
@@ -475,8 +549,13 @@ def run_stage(stage: Stage, config, mesh, *, transform=None, meta=None, init_fro
                 raise SystemExit(0)
     bar.close()
     ckpt.close()
-    if on_end is not None and jax.process_index() == 0 and tcfg.get("sample_at_end", True):
-        on_end(state, trainer, writer, step)
+    if on_end is not None and tcfg.get("sample_at_end", True):
+        if jax.process_count() == 1:
+            on_end(state, trainer, writer, step)
+        elif jax.process_index() == 0:  # the sampler runs single-process (one host's devices)
+            print(f"[{stage.name}] multi-process run: skipping end-of-training samples; run "
+                  f"`python -m sorajax.sample --workdir {os.path.dirname(ckpt.directory)} ...` "
+                  f"on one host", flush=True)
     if writer is not None:
         writer.close()
     return {"state": state, "trainer": trainer}
@@ -511,17 +590,116 @@ def _stage_done(stage_dir, steps) -> bool:
 # ==============================================================================================
 # Entry.
 # ==============================================================================================
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+        and math.isfinite(v)
+
+
 def validate(config):
+    """Checks a config before anything is built or compiled. Raises UserError with one line
+    naming the field, its value and what is allowed."""
+    from sorajax.models import video
+
+    def need(ok, field, value, allowed):
+        if not ok:
+            raise UserError(f"{field}={value!r}: {allowed}")
+
+    stages = config.get("stages")
+    need(isinstance(stages, (tuple, list)) and len(stages) > 0
+         and all(s in ("vae", "dit") for s in stages), "stages", stages,
+         "must be a non-empty tuple of 'vae' and/or 'dit', e.g. ('vae', 'dit')")
+    need(_is_int(config.get("seed")) and config.seed >= 0, "seed", config.get("seed"),
+         "must be an integer >= 0")
     d = config.data
-    if (d.frames - 1) % 4:
-        raise UserError(f"data.frames={d.frames}: the causal VAE takes 1 + 4k frames (1, 5, 9, 13, ...)")
-    for k in ("height", "width"):
-        v = d[k]
-        if v % 16:
-            raise UserError(f"data.{k}={v}: must be divisible by 16 (VAE stride x patch)")
-    for s in config.stages:
-        if s not in ("vae", "dit"):
-            raise UserError(f"stages: unknown stage {s!r}; known: vae, dit")
+    for k in ("frames", "height", "width", "num_train"):
+        need(_is_int(d.get(k)) and d[k] >= 1, f"data.{k}", d.get(k), "must be an integer >= 1")
+    vae_cfg, dit_cfg, _ = video.model_configs(config)  # UserError on unknown variants/overrides
+    rt, rs = vae_cfg.temporal_stride, vae_cfg.spatial_stride
+    need((d.frames - 1) % rt == 0, "data.frames", d.frames,
+         f"the causal VAE takes 1 + {rt}k frames ({', '.join(str(1 + rt * i) for i in range(4))}, ...)")
+    pt, ph, pw = dit_cfg.patch_size if "dit" in stages else (1, 1, 1)
+    for k, p in (("height", ph), ("width", pw)):
+        need(d[k] % (rs * p) == 0, f"data.{k}", d[k],
+             f"must be divisible by {rs * p} (VAE spatial compression {rs} x DiT patch {p})")
+    need((1 + (d.frames - 1) // rt) % pt == 0, "data.frames", d.frames,
+         f"gives {1 + (d.frames - 1) // rt} latent frames, not divisible by the DiT temporal patch {pt}")
+    for stage in stages:
+        name = "vae_train" if stage == "vae" else "train"
+        t = config[name]
+        need(_is_int(t.get("steps")) and t.steps >= 0, f"{name}.steps", t.get("steps"), "must be an integer >= 0")
+        for k in ("batch_size", "log_every", "ckpt_every"):
+            need(_is_int(t.get(k)) and t[k] >= 1, f"{name}.{k}", t.get(k), "must be an integer >= 1")
+        need(_is_int(t.get("grad_accum", 1)) and t.get("grad_accum", 1) >= 1, f"{name}.grad_accum",
+             t.get("grad_accum"), "must be an integer >= 1")
+        need(t.batch_size <= d.num_train, f"{name}.batch_size", t.batch_size,
+             f"must be <= data.num_train={d.num_train} (incomplete batches are dropped)")
+        need(_is_num(t.get("lr")) and t.lr >= 0, f"{name}.lr", t.get("lr"), "must be a finite number >= 0")
+        need(_is_int(t.get("warmup_steps", 0)) and t.get("warmup_steps", 0) >= 0, f"{name}.warmup_steps",
+             t.get("warmup_steps"), "must be an integer >= 0")
+        for k, hi in (("b1", "1)"), ("b2", "1)"), ("ema_decay", "1]"), ("text_dropout", "1]")):
+            if k in t:
+                need(_is_num(t[k]) and 0 <= t[k] and (t[k] < 1 or hi == "1]" and t[k] == 1),
+                     f"{name}.{k}", t[k], f"must be in [0, {hi}")
+        for k in ("weight_decay", "kl_weight", "fg_weight"):
+            if k in t:
+                need(_is_num(t[k]) and t[k] >= 0, f"{name}.{k}", t[k], "must be a finite number >= 0")
+        if "grad_clip" in t:
+            need(_is_num(t.grad_clip) and t.grad_clip > 0, f"{name}.grad_clip", t.grad_clip, "must be > 0")
+        inj = t.get("inject_nonfinite_steps", ()) or ()
+        need(isinstance(inj, (tuple, list)) and all(_is_int(x) for x in inj),
+             f"{name}.inject_nonfinite_steps", inj, "must be a tuple of step numbers (testing knob)")
+        if stage == "vae":
+            n = t.get("clip_frames", 0) or 0
+            need(_is_int(n) and n >= 0 and (n == 0 or ((n - 1) % rt == 0 and n <= d.frames)),
+                 "vae_train.clip_frames", n, f"must be 0 (all frames) or 1 + {rt}k <= data.frames={d.frames}")
+    tr = config.train
+    for k in ("max_nonfinite_in_a_row", "keep_checkpoints"):
+        if k in tr:
+            need(_is_int(tr[k]) and tr[k] >= 1, f"train.{k}", tr[k], "must be an integer >= 1")
+    if "dit" in stages:
+        need(_is_int(config.text.get("max_length")) and config.text.max_length >= 2, "text.max_length",
+             config.text.get("max_length"), "must be an integer >= 2 (tokens and </s>)")
+        f = config.flow
+        need(_is_num(f.get("shift")) and f.shift > 0, "flow.shift", f.get("shift"), "must be > 0")
+        need(_is_num(f.get("logit_std")) and f.logit_std > 0, "flow.logit_std", f.get("logit_std"), "must be > 0")
+        need(_is_num(f.get("logit_mean")), "flow.logit_mean", f.get("logit_mean"), "must be a finite number")
+    for k, v in config.mesh.items():
+        need(_is_int(v) and (v >= 1 or v == -1), f"mesh.{k}", v, "must be a positive integer or -1 (fill)")
+    rules = config.get("sharding_rules")
+    try:
+        sharding.normalize_rules(rules)  # UserError on unknown names
+    except (TypeError, ValueError) as e:
+        raise UserError(f"sharding_rules={rules!r}: must be None or a list of (logical axis, mesh axis "
+                        f"| tuple of mesh axes | None) pairs ({e})") from None
+    tok = config.text.get("tokenizer") if "dit" in stages and not config.get("init_from") else None
+    if tok:
+        need(isinstance(tok, str) and os.path.exists(tok), "text.tokenizer", tok,
+             "must be an existing spiece.model / tokenizer.json, or a folder holding one")
+    elif "dit" in stages and not config.get("init_from"):  # a vocabulary is trained on the captions
+        v = config.text.get("vocab_size")
+        need(_is_int(v) and v >= 1, "text.vocab_size", v, "must be an integer >= 1 (an upper bound; "
+             "sentencepiece needs at least the captions' characters + 3)")
+
+
+def validate_mesh(config, mesh):
+    """Checks the batch sizes against the mesh (before any compile): one line, UserError."""
+    rules = sharding.normalize_rules(config.get("sharding_rules"))
+    dp = sharding.data_parallel_size(mesh, rules)
+    nproc = jax.process_count()
+    shape = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    for stage in config.stages:
+        name = "vae_train" if stage == "vae" else "train"
+        b = int(config[name].batch_size)
+        accum = int(config[name].get("grad_accum", 1) or 1)
+        if b % (dp * accum) or b % nproc:
+            raise UserError(
+                f"{name}.batch_size={b}: must be a multiple of {dp * accum} (the {dp} data-parallel "
+                f"devices of the mesh ({shape}) x grad_accum={accum})"
+                + (f" and of the {nproc} processes" if nproc > 1 else ""))
 
 
 def _write_config(config, workdir):
@@ -538,9 +716,14 @@ def train_and_evaluate(config, workdir: str):
 
     validate(config)
     sharding.maybe_initialize_distributed()
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)  # UserError when the axis sizes do not fit the devices
+    validate_mesh(config, mesh)
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
+    if jax.process_count() > 1:  # process 0 builds the dataset; the others wait, then read it
+        if jax.process_index() == 0:
+            world_source(config, "train")
+        sharding.sync("sorajax:world_built")
     out = None
     if "vae" in config.stages:
         vstage = VAEStage(config, workdir)
@@ -550,7 +733,10 @@ def train_and_evaluate(config, workdir: str):
             print(f"[vae] already trained ({vstage.workdir}); skipping", flush=True)
     if "dit" in config.stages:
         tok_path = ensure_tokenizer(config, workdir)
-        tokenizer = tok_lib.Tokenizer.load(tok_path)
+        try:
+            tokenizer = tok_lib.Tokenizer.load(tok_path)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"tokenizer {tok_path!r} cannot be loaded: {e}") from None
         latents = None
         if config.vae.get("precompute_latents", True):
             latents = encode_training_latents(config, workdir, mesh, world_source(config, "train"))
@@ -589,19 +775,27 @@ def ensure_tokenizer(config, workdir) -> str:
     """The toy run trains a sentencepiece vocabulary on the training captions (once)."""
     from sorajax import tokenizer as tok_lib
 
+    # Multi-process: process 0 writes, every process waits at the barrier, then all read it.
     if config.get("init_from"):  # fine-tuning: the imported model's tokenizer, kept with the run
         dst = os.path.join(workdir, "tokenizer")
-        if not os.path.isdir(dst):
+        if jax.process_index() == 0 and not os.path.isdir(dst):
             shutil.copytree(os.path.join(config.init_from, "tokenizer"), dst + ".tmp", dirs_exist_ok=True)
             os.replace(dst + ".tmp", dst)
+        sharding.sync("sorajax:tokenizer")
         return dst
     if config.text.get("tokenizer"):
         return config.text.tokenizer
     path = os.path.join(workdir, "tokenizer", "spiece.model")
-    if not os.path.exists(path):
+    if jax.process_index() == 0 and not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         caps = all_captions(world_source(config, "train"))
-        tok_lib.train_tokenizer(caps, path, config.text.vocab_size)
+        try:
+            tok_lib.train_tokenizer(caps, path, config.text.vocab_size)
+        except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the captions' characters
+            why = (str(e).split("] ", 1)[-1].strip().splitlines() or [str(e).strip()])[0]
+            raise UserError(f"text.vocab_size={config.text.vocab_size}: sentencepiece cannot train "
+                            f"this vocabulary ({why})") from None
+    sharding.sync("sorajax:tokenizer")
     return path
 
 
@@ -616,7 +810,14 @@ def encode_training_latents(config, workdir, mesh, source):
     if os.path.exists(path):
         return np.load(path)
     graphdef, state = load_vae_state(config, workdir, mesh)
-    enc = jax.jit(lambda st, x: nnx.merge(graphdef, st).encode(x)[0])
+    rules = sharding.normalize_rules(config.get("sharding_rules"))
+
+    def encode(st, x):  # traced under the rules: the VAE's activations are row-sharded (context)
+        with sharding.activation_rules(mesh, rules):
+            return nnx.merge(graphdef, st).encode(x)[0]
+
+    # Replicated output: readable by every process of a multi-process run.
+    enc = jax.jit(encode, out_shardings=sharding.replicated(mesh))
     n, bs, out = len(source), 32, []
     for i in tqdm(range(0, n, bs), desc="encode latents", unit="batch", disable=jax.process_index() != 0):
         ex = [decode_example(source[j])["frames"] for j in range(i, min(i + bs, n))]
@@ -715,7 +916,19 @@ def parse_args(argv):
     return args, rest
 
 
+def _has_checkpoints(workdir) -> bool:
+    for d, dirs, _ in os.walk(workdir):
+        if os.path.basename(d) == "checkpoints" and any(x.isdigit() for x in dirs):
+            return True
+    return False
+
+
 def _check_workdir(workdir):
+    if "://" in workdir:  # os.makedirs("gs://b/r") would make a local ./gs:/b/r and lose the run
+        raise UserError(f"--workdir {workdir!r}: URLs are not supported; mount the bucket (e.g. gcsfuse) "
+                        "and pass the mounted path (docs/RELIABILITY.md)")
+    if not workdir.strip():
+        raise UserError("--workdir '': give a directory")
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
@@ -739,7 +952,9 @@ def _main(argv):
     try:
         train_and_evaluate(config, args.workdir)
     except UserError:
-        if not existed and not os.listdir(args.workdir):
+        # Bad input found before any checkpoint: the workdir this command created (config.json,
+        # empty logs) goes too. A run that checkpointed keeps everything.
+        if not existed and jax.process_index() == 0 and not _has_checkpoints(args.workdir):
             shutil.rmtree(args.workdir, ignore_errors=True)
         raise
     print(f"done: run in {os.path.abspath(args.workdir)}", flush=True)

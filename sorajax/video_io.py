@@ -101,6 +101,8 @@ def write(path: str, frames, prompts=None, fps: int = 8) -> str:
                     for g in grid:
                         wr.append_data(g)
         os.replace(tmp, path)
+    except OSError as e:  # unwritable place, full disk: one line, not a traceback
+        raise UserError(f"cannot write {path!r}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -47,3 +47,35 @@ def test_wan_family_runlocal_trains_and_samples(tmp_path):
     r = run_cli(["-m", "sorajax.sample", "--workdir", str(wd), "--prompt", "a red circle moves right",
                  "--out", str(tmp_path / "w.gif")])
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+POD_PRESETS = {  # preset -> (topology, slices): the chips its mesh must use exactly
+    "wan14b_v5p256.py": ("v5p-256", 1), "wan14b_2xv5p128.py": ("v5p-128", 2),
+    "wan14b_60s_v5p1024.py": ("v5p-1024", 1), "wan1p3b_8xh100.py": (None, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POD_PRESETS))
+def test_pod_presets_match_their_hardware(name):
+    """Each pod preset documents its launch commands, its mesh uses exactly its topology's chips,
+    its batch divides over the data-parallel axes, and its runlocal variant loads."""
+    from sorajax import aot, sharding
+
+    path = ROOT / "configs" / "pods" / name
+    doc = path.read_text().split('"""')[1]
+    assert f"python -m sorajax.train --config configs/pods/{name}" in doc
+    cfg = config_lib.load_config(str(path))
+    topo_name, slices = POD_PRESETS[name]
+    chips = aot.parse_topology(topo_name, slices).total_chips if topo_name else 8
+    if topo_name:
+        assert f"aot_compile.py --config configs/pods/{name}" in doc
+    ici, dcn = sharding.mesh_shape(cfg.mesh, chips, slices)
+    data_axes = ici["data"] * dcn["data"] * ici["fsdp"] * dcn["fsdp"]
+    assert cfg.train.batch_size % data_axes == 0
+    _, dit_cfg, _ = video.model_configs(cfg)
+    frames, h, w = cfg.data.frames, cfg.data.height, cfg.data.width
+    tokens = (1 + (frames - 1) // 4) * (h // 16) * (w // 16)
+    assert tokens % (ici["context"] * dcn["context"]) == 0
+    if dit_cfg.context_parallel == "all_to_all":
+        assert dit_cfg.num_attention_heads % (ici["context"] * ici["tensor"]) == 0
+    config_lib.load_config(str(path) + ":runlocal")

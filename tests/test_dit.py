@@ -118,22 +118,30 @@ def test_toy_variant_shapes():
     assert out.shape == (2, 3, 8, 8, cfg.out_channels) and out.dtype == jnp.bfloat16
 
 
-def test_remat_keeps_values_and_grads(tiny):
+@pytest.mark.parametrize("variant", [dict(remat=True), dict(remat="dots"), dict(scan_layers=True),
+                                     dict(scan_layers=True, remat="full"), dict(attention="flash")])
+def test_memory_levers_keep_values_and_grads(tiny, variant):
+    """remat policies, scan over layers and the blockwise attention give the plain model's loss
+    and gradients (the fixture's 2-layer weights)."""
     d, _, _, io, _ = tiny
-    # 1-layer models (fast compile) from the fixture's weights minus block 1.
-    src = SafetensorsReader(d / "diffusion_pytorch_model.safetensors")
-    one_layer = DictReader({k: src[k] for k in src.keys() if not k.startswith("blocks.1.")})
     models = []
-    for remat in (False, True):
-        cfg = dit.VARIANTS["tiny"](num_layers=1, remat=remat)
+    for kw in (dict(), variant):
+        cfg = dit.VARIANTS["tiny"](**kw)
         models.append(nnx.eval_shape(lambda: dit.WanDiT(cfg, rngs=nnx.Rngs(0))))
-        dit.load_diffusers(models[-1], one_layer)
+        dit.load_diffusers(models[-1], SafetensorsReader(d / "diffusion_pytorch_model.safetensors"))
     x, t = _cl(io["x_f1"])[:1], io["t_f1"][:1]
     grad = nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(m(x, t, io["ctx"][:1]) ** 2)))
     (l0, g0), (l1, g1) = grad(models[0]), grad(models[1])
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_remat_policy_is_a_user_error():
+    from sorajax.errors import UserError
+
+    with pytest.raises(UserError, match="remat"):
+        dit.remat_policy("sometimes")
 
 
 def test_load_diffusers_reports_mismatches(tiny):
@@ -185,3 +193,6 @@ def test_attention_backends_agree_and_cudnn_falls_back(caplog):
         np.testing.assert_allclose(out, ref, atol=1e-5)
     with pytest.raises(ValueError):
         attention.dot_product_attention(q, k, v, backend="flash9")
+    np.testing.assert_allclose(attention.dot_product_attention(q, k, v, backend="flash"), ref, atol=1e-5)
+    np.testing.assert_allclose(attention.self_attention(q, k[:, :5], v[:, :5], backend="splash"),
+                               attention.dot_product_attention(q, k[:, :5], v[:, :5]), atol=1e-5)  # off TPU: flash

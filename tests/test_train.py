@@ -50,11 +50,28 @@ def reference_step():
     return batch, jax.device_get(n1["params"]), float(m1["loss"])
 
 
-@pytest.mark.parametrize("mesh_kw", [dict(data=4, fsdp=2), dict(data=2, fsdp=2, tensor=2)])
-def test_sharded_train_step_matches_single_device(reference_step, mesh_kw):
-    """One DiT train step on a multi-device mesh equals the 1-device step (f32, 1e-5)."""
+MESHES = {
+    "data": dict(data=8),
+    "fsdp": dict(data=1, fsdp=8),
+    "tensor": dict(data=4, tensor=2),
+    "context-ring": dict(data=1, context=8),
+    "context-all_to_all": dict(data=4, context=2, cp="all_to_all"),
+    "mixed": dict(data=2, fsdp=2, context=2, tensor=1),
+    "mixed-tensor": dict(data=1, fsdp=2, context=2, tensor=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_sharded_train_step_matches_single_device(reference_step, name):
+    """One DiT train step on a multi-device mesh equals the 1-device step (f32, 1e-5): data,
+    fsdp, tensor and context parallelism (ring and all-to-all attention), and mixes."""
     batch, p1, loss1 = reference_step
-    many, mesh8, _ = _dit_trainer(small(toy_config()), jax.devices()[:8], mesh_kw)
+    mesh_kw = dict(MESHES[name])
+    cfg = small(toy_config())
+    if "cp" in mesh_kw:
+        with cfg.unlocked():
+            cfg.dit.overrides = dict(cfg.dit.overrides, context_parallel=mesh_kw.pop("cp"))
+    many, mesh8, _ = _dit_trainer(cfg, jax.devices()[:8], dict(dict(data=1, fsdp=1, context=1, tensor=1), **mesh_kw))
     assert mesh8.devices.size == 8
     s8 = many.init()
     # Shardings really are split over the mesh (not everything replicated).
@@ -65,6 +82,31 @@ def test_sharded_train_step_matches_single_device(reference_step, mesh_kw):
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), p1, n8["params"])
     assert max(jax.tree.leaves(diffs)) < 1e-5
     assert int(n8["train"]["step"]) == 1
+    if mesh8.shape["context"] > 1:  # the sequence really was split: context-parallel collectives
+        hlo = many.step_fn().lower(s8, sharding.global_batch(batch, mesh8, many.rules)).as_text()
+        assert ("collective_permute" in hlo) or ("all_to_all" in hlo)
+
+
+def test_grad_accumulation_is_the_mean_of_micro_steps():
+    """grad_accum=2: the loss is the mean over micro-batches (rows i::2) with keys fold_in(key, i),
+    and the sharded accumulated step equals the 1-device one."""
+    cfg = small(toy_config())
+    with cfg.unlocked():
+        cfg.train.grad_accum = 2
+    one, mesh1, tok = _dit_trainer(cfg, jax.devices()[:1], dict(data=1))
+    batch = _batch(cfg, tok, 8)
+    state = one.init()
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["train"]["rng"]), 0)
+    model = nnx.merge(one.graphdef, state["params"], state["frozen"])
+    micro = [jax.tree.map(lambda x: jnp.asarray(x[i::2]), batch) for i in range(2)]
+    want = np.mean([float(one.stage.loss(model, mb, jax.random.fold_in(key, i))[0]) for i, mb in enumerate(micro)])
+    n1, m1 = one.step_fn()(state, sharding.global_batch(batch, mesh1, one.rules))
+    assert abs(float(m1["loss"]) - want) < 1e-5
+    many, mesh4, _ = _dit_trainer(cfg, jax.devices()[:4], dict(data=4))
+    n4, m4 = many.step_fn()(many.init(), sharding.global_batch(batch, mesh4, many.rules))
+    assert abs(float(m4["loss"]) - float(m1["loss"])) < 1e-5
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), n1["params"], n4["params"])
+    assert max(jax.tree.leaves(diffs)) < 1e-5
 
 
 def test_nonfinite_update_is_skipped_and_counted():

@@ -1,14 +1,22 @@
 """Grain input pipeline over a random-access source (e.g. `builders.load_source`).
 
-    source ─ shard by process ─ shuffle(seed, reshuffled every epoch) ─ decode/transform
-           ─ batch ─ repeat(num_epochs) ─ iterator (checkpointable)
+    rows=:   indices ─ shuffle(seed, reshuffled every epoch) ─ global batch ─ this process's rows
+             ─ decode/transform ─ repeat(num_epochs) ─ iterator (checkpointable)
+    shards:  source ─ shard by process ─ shuffle ─ decode/transform ─ batch ─ repeat ─ iterator
 
-Each process reads a disjoint shard (indices shard_index::shard_count, truncated to a common
-length so every process sees the same number of batches per epoch and multi-host steps stay in
-lockstep) and yields its process-local batch, `batch_size // shard_count` examples, where
-`batch_size` is the *global* batch. The iterator's position is a small JSON-serialisable dict
-(`get_state` / `set_state`), saved with the checkpoint so a resumed run sees exactly the batches
-it would have seen.
+Two ways to split the global batch (`batch_size` is always the *global* batch):
+  - `rows=` (what training uses): every process walks the same global sequence of global batches
+    (one shuffle of the whole source) and reads only `rows`, the rows of each global batch that
+    its devices hold in the batch sharding (`sharding.process_batch_rows`). The global batch at
+    every step is then the same whatever the process count or mesh, so a 2-process run and a
+    1-process run see the same data, and the iterator's position (the same in every process) can
+    be restored with any process count.
+  - `shard_index`/`shard_count`: each process reads a disjoint shard (indices
+    shard_index::shard_count, truncated to a common length so every process sees the same number
+    of batches per epoch) and yields `batch_size // shard_count` examples. The data then depends
+    on the process count.
+The iterator's position is a small JSON-serialisable dict (`get_state` / `set_state`), saved
+with the checkpoint so a resumed run sees exactly the batches it would have seen.
 
 Reads happen in this process (no worker processes: they cost more than they save on small CPU
 hosts and in tests); `num_threads` reader threads prefetch.
@@ -59,8 +67,12 @@ def make_dataset(source, *, batch_size: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None,
                  transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  shard_index: int | None = None, shard_count: int | None = None,
-                 drop_remainder: bool = True) -> grain.MapDataset:
+                 drop_remainder: bool = True, rows=None) -> grain.MapDataset:
     """The MapDataset behind make_iterator (same arguments)."""
+    if rows is not None:
+        return _global_batch_dataset(source, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                                     num_epochs=num_epochs, transform=transform,
+                                     drop_remainder=drop_remainder, rows=rows)
     shard_index = jax.process_index() if shard_index is None else int(shard_index)
     shard_count = jax.process_count() if shard_count is None else int(shard_count)
     if not 0 <= shard_index < shard_count:
@@ -88,17 +100,50 @@ def make_dataset(source, *, batch_size: int, seed: int, shuffle: bool = True,
     return ds
 
 
+def _global_batch_dataset(source, *, batch_size, seed, shuffle, num_epochs, transform,
+                          drop_remainder, rows) -> grain.MapDataset:
+    """Global batches of source indices (the same in every process: one shuffle of the whole
+    source), of which this process decodes only `rows`. Same element order as the shard_count=1
+    pipeline: shuffle, batch, repeat over the same index permutation."""
+    rows = [int(r) for r in rows]
+    if not rows or any(not 0 <= r < batch_size for r in rows):
+        raise ValueError(f"rows {rows} must be a non-empty subset of range({batch_size})")
+    if len(source) < batch_size:
+        raise ValueError(f"{len(source)} examples are too few for a batch of {batch_size}")
+    ds = grain.MapDataset.range(len(source))
+    if shuffle:
+        ds = ds.shuffle(seed=int(seed) & 0xFFFFFFFF)  # reseeded per epoch by repeat()
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder,
+                  batch_fn=lambda xs: np.asarray(xs, np.int64))  # (B,) source indices
+
+    def _read(idx):  # this process's rows of one global batch
+        exs = []
+        for r in rows:
+            if r < len(idx):  # a short last batch (drop_remainder=False)
+                ex = decode_example(source[int(idx[r])])
+                exs.append(transform(ex) if transform is not None else ex)
+        return collate(exs)
+
+    ds = ds.map(_read)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    return ds
+
+
 def make_iterator(source, *, batch_size: int, seed: int, shuffle: bool = True,
                   num_epochs: int | None = None,
                   transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                   shard_index: int | None = None, shard_count: int | None = None,
                   drop_remainder: bool = True, num_threads: int = 2,
-                  prefetch: int = 8, worker_count: int = 0) -> grain.DatasetIterator:
+                  prefetch: int = 8, worker_count: int = 0, rows=None) -> grain.DatasetIterator:
     """A checkpointable iterator of process-local batches:
     {"frames": float32 (B, T, H, W, 3) in [-1, 1], "caption": object array of str,
-     "seed": int64 (B,), ...whatever `transform(example)` adds}, B = batch_size // shard_count.
+     "seed": int64 (B,), ...whatever `transform(example)` adds}, B = len(rows), or
+    batch_size // shard_count without `rows`.
 
-    `batch_size` is the global batch; shard_index/shard_count default to this process's
+    `batch_size` is the global batch. `rows` (sorted global-batch row indices, e.g.
+    sharding.process_batch_rows) makes the global batch independent of the process count (see
+    the module docstring); without it shard_index/shard_count default to this process's
     jax.process_index()/process_count(). `num_epochs=None` repeats forever.
     `worker_count > 0` decodes in that many worker processes (grain mp_prefetch; `transform`
     must then be picklable; the saved state's format depends on worker_count, so restore with
@@ -106,7 +151,7 @@ def make_iterator(source, *, batch_size: int, seed: int, shuffle: bool = True,
     """
     ds = make_dataset(source, batch_size=batch_size, seed=seed, shuffle=shuffle,
                       num_epochs=num_epochs, transform=transform, shard_index=shard_index,
-                      shard_count=shard_count, drop_remainder=drop_remainder)
+                      shard_count=shard_count, drop_remainder=drop_remainder, rows=rows)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     it_ds = ds.to_iter_dataset(read)
     if worker_count > 0:

@@ -1,22 +1,41 @@
-"""Attention kernels behind one function, selected by backend name.
+"""Attention kernels behind one function, selected by backend name, plus context parallelism.
 
 Layout is (B, N, heads, head_dim) for q, k and v (the layout jax.nn.dot_product_attention and
-cuDNN want, so no transposes). Backends:
-  "xla"    plain XLA einsum-softmax-einsum (every platform, any dtype; the parity reference)
-  "cudnn"  cuDNN fused flash attention (NVIDIA GPUs, bf16/fp16); falls back to "xla" with a
-           one-time warning where it is unavailable (CPU, TPU, f32, unsupported head_dim)
-  "auto"   let JAX pick (implementation=None)
-Context-parallel variants (ring / all-to-all) will be added here as further backends.
+cuDNN want, so no transposes). Backends (`DiTConfig.attention`):
+  "xla"     plain XLA einsum-softmax-einsum (every platform, any dtype; the parity reference).
+            Materialises (B, H, Nq, Nk) logits: fine for short sequences, not for 75k tokens.
+  "flash"   blockwise online-softmax attention in pure JAX with a recomputing custom VJP
+            (sorajax.models.context_parallel.flash_attention): O(N x block) memory on every
+            platform, XLA-partitionable.
+  "cudnn"   cuDNN fused flash attention (NVIDIA GPUs, bf16/fp16).
+  "splash"  the Pallas TPU splash-attention kernel (TPU only); the sequence is padded to the
+            kernel block and padded keys are masked with segment ids.
+  "auto"    let JAX pick (implementation=None).
+A backend unavailable on the running platform (cudnn off GPU or in f32, splash off TPU) falls
+back to "flash" with a one-time warning naming the reason.
+
+Context parallelism: when the active mesh (sharding.activation_rules) shards the "length"
+logical axis (default: the "context" mesh axis) over more than one device, self-attention runs
+as `context_parallel` = "ring" (k/v blocks travel around the ring; online softmax) or
+"all_to_all" (heads <-> sequence swap, full-sequence attention on heads/c, swap back); see
+sorajax/models/context_parallel.py. Cross-attention (short text keys) needs neither: its queries
+stay sequence-sharded and the keys are replicated.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import jax
+import jax.numpy as jnp
+
+from sorajax import sharding
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("xla", "cudnn", "auto")
+BACKENDS = ("xla", "flash", "cudnn", "splash", "auto")
+CONTEXT_PARALLEL = ("ring", "all_to_all")
 _warned: set[str] = set()
 
 
@@ -26,21 +45,137 @@ def _warn_once(key: str, msg: str):
         log.warning(msg)
 
 
-def dot_product_attention(q, k, v, *, backend: str = "xla", mask=None, scale: float | None = None):
-    """Softmax attention. q: (B, Nq, H, D), k/v: (B, Nk, H, D) -> (B, Nq, H, D).
+# ----------------------------------------------------------------------------------------------
+# Local (per-device or unsharded) kernels: (B, Nq, H, D), (B, Nk, H, D) -> (B, Nq, H, D)
+# ----------------------------------------------------------------------------------------------
+def _xla(q, k, v, scale, mask=None):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
-    mask: optional bool array broadcastable to (B, H, Nq, Nk); True = attend.
-    scale: logits scale, default 1/sqrt(D).
-    """
+
+def _flash(q, k, v, scale):
+    from sorajax.models.context_parallel import flash_attention
+
+    return flash_attention(q, k, v, scale=scale)
+
+
+def _splash_block(n: int) -> int:
+    return 512 if n >= 512 else 128
+
+
+def _splash(q, k, v, scale):
+    """Pallas splash attention (TPU). Pads Nq/Nk to the kernel block; segment id 1 marks padding
+    so real queries never attend to padded keys. Softmax scale is folded into q."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, nq, H, D = q.shape
+    nk = k.shape[1]
+    bq, bk = _splash_block(nq), _splash_block(nk)
+    pq, pk = -nq % bq, -nk % bk
+    qh = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    kh = jnp.pad(k, ((0, 0), (0, pk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # (B, H, Nk', D)
+    vh = jnp.pad(v, ((0, 0), (0, pk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    seg = sk.SegmentIds(q=(jnp.arange(nq + pq) >= nq).astype(jnp.int32),
+                        kv=(jnp.arange(nk + pk) >= nk).astype(jnp.int32))
+    blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+                           block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    mask = sm.MultiHeadMask([sm.FullMask((nq + pq, nk + pk)) for _ in range(H)])
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks)
+    o = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=seg))(qh, kh, vh)  # (B, H, Nq', D)
+    return o.transpose(0, 2, 1, 3)[:, :nq]
+
+
+def _resolve(backend: str, dtype) -> str:
+    """The backend that will really run on this platform/dtype (with a one-time warning)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
-    impl = {"xla": "xla", "cudnn": "cudnn", "auto": None}[backend]
-    if impl == "cudnn":
-        try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-        except Exception as e:  # noqa: BLE001 - any refusal (platform, dtype, shape) means fall back
-            _warn_once(f"cudnn:{type(e).__name__}",
-                       f"cudnn attention unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                       "falling back to xla")
-            impl = "xla"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+    platform = jax.default_backend()
+    if backend == "splash" and platform != "tpu" and not _aot_tpu():
+        _warn_once("splash", f"splash attention needs a TPU (running on {platform}); falling back to flash")
+        return "flash"
+    if backend == "cudnn" and (platform != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
+        _warn_once(f"cudnn:{platform}:{jnp.dtype(dtype)}",
+                   f"cudnn attention needs an NVIDIA GPU and bf16/fp16 (running on {platform}, "
+                   f"{jnp.dtype(dtype)}); falling back to flash")
+        return "flash"
+    return backend
+
+
+# Set by the AOT planner while it traces for a TPU topology from a CPU host.
+_AOT_PLATFORM: list[str] = []
+
+
+def _aot_tpu() -> bool:
+    return bool(_AOT_PLATFORM) and _AOT_PLATFORM[-1] == "tpu"
+
+
+def _local_fn(backend: str, scale):
+    if backend == "xla":
+        return functools.partial(_xla, scale=scale)
+    if backend == "flash":
+        return functools.partial(_flash, scale=scale)
+    if backend == "splash":
+        return functools.partial(_splash, scale=scale)
+    impl = {"cudnn": "cudnn", "auto": None}[backend]
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+def dot_product_attention(q, k, v, *, backend: str = "xla", mask=None, scale: float | None = None):
+    """Softmax attention without context parallelism. q: (B, Nq, H, D), k/v: (B, Nk, H, D).
+
+    mask: optional bool array broadcastable to (B, H, Nq, Nk); True = attend (xla only).
+    scale: logits scale, default 1/sqrt(D).
+    """
+    backend = _resolve(backend, q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if mask is not None:
+        return _xla(q, k, v, scale, mask)
+    fn = _local_fn(backend, scale)
+    if backend == "splash":
+        return _in_shard_map(fn, q, k, v, seq_sharded=False)
+    return fn(q, k, v)
+
+
+def _specs(q_shape):
+    """(batch_axes, seq_axes, head_axes) of (B, N, H, D) under the active rules."""
+    spec = sharding.logical_spec(("batch", "length", "heads", None), q_shape)
+    return tuple(spec) + (None,) * (4 - len(spec)) if spec is not None else (None,) * 4
+
+
+def _in_shard_map(fn, q, k, v, *, seq_sharded: bool):
+    """Runs a per-device kernel (Pallas: not auto-partitionable) over batch/head shards."""
+    mesh, _ = sharding.active()
+    if mesh is None or mesh.size == 1:
+        return fn(q, k, v)
+    b, s, h, _ = _specs(q.shape)
+    spec = jax.sharding.PartitionSpec(b, s if seq_sharded else None, h, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q, k, v)
+
+
+def self_attention(q, k, v, *, backend: str = "xla", context_parallel: str = "ring",
+                   scale: float | None = None):
+    """Self-attention over the (possibly sequence-sharded) token axis.
+
+    Under sharding.activation_rules with the "length" axis split over c > 1 devices this is
+    context-parallel (`context_parallel` = "ring" | "all_to_all"); otherwise it is
+    dot_product_attention with `backend`.
+    """
+    if context_parallel not in CONTEXT_PARALLEL:
+        raise ValueError(f"unknown context_parallel {context_parallel!r}; choose from {CONTEXT_PARALLEL}")
+    backend = _resolve(backend, q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mesh, _ = sharding.active()
+    b, s, h, _ = _specs(q.shape)
+    if mesh is None or s is None:
+        return dot_product_attention(q, k, v, backend=backend, scale=scale)
+    from sorajax.models.context_parallel import context_parallel_attention
+
+    # Ring attention uses its own blockwise kernel per ring step; all-to-all runs `backend` on
+    # the full sequence of its heads/c heads.
+    attend = _local_fn(backend, scale) if context_parallel == "all_to_all" else None
+    return context_parallel_attention(q, k, v, mesh=mesh, variant=context_parallel, seq_axis=s,
+                                      batch_axes=b, head_axes=h, scale=scale, attend=attend)

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sorajax import sharding
 from sorajax.errors import UserError, WeightsMismatch
-from sorajax.models.attention import dot_product_attention
+from sorajax.models.attention import dot_product_attention, self_attention
 
 F32 = jnp.float32
 
@@ -48,10 +49,15 @@ class DiTConfig:
     eps: float = 1e-6
     rope_max_seq_len: int = 1024  # positions per axis must be < this (table lookup; beyond: NaN)
     rope_theta: float = 10000.0
-    attention: str = "xla"  # sorajax.models.attention backend: "xla" | "cudnn" | "auto"
+    attention: str = "xla"  # sorajax.models.attention backend: xla | flash | cudnn | splash | auto
+    context_parallel: str = "ring"  # self-attention when tokens are sharded: ring | all_to_all
     dtype: Any = "float32"  # compute dtype of dense layers / residual stream
     param_dtype: Any = "float32"
-    remat: bool = False  # nnx.remat around every block
+    # Rematerialisation of each block in the backward pass (REMAT_POLICIES): "none" keeps every
+    # activation, "full" keeps only block inputs, "dots" also keeps matmul outputs without a
+    # batch dim, "offload" moves those to host memory (TPU/GPU). True/False = "full"/"none".
+    remat: Any = "none"
+    scan_layers: bool = False  # lax.scan over the blocks (one compiled block; stacked at call)
 
     @property
     def dim(self) -> int:
@@ -194,7 +200,13 @@ class WanAttention(nnx.Module):
         v = v.reshape(*v.shape[:2], *heads)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = dot_product_attention(q, k, v, backend=cfg.attention)  # (B, N, H, hd)
+        names = ("batch", "length", "heads", None)
+        q, k, v = (sharding.constrain(a, names) for a in (q, k, v))
+        if context is None:
+            o = self_attention(q, k, v, backend=cfg.attention, context_parallel=cfg.context_parallel)
+        else:  # text keys are short and replicated over the sequence shards
+            o = dot_product_attention(q, k, v, backend=cfg.attention)  # (B, N, H, hd)
+        o = sharding.constrain(o, names)
         return self.to_out(o.reshape(*o.shape[:2], cfg.dim))
 
 
@@ -224,15 +236,51 @@ class WanBlock(nnx.Module):
         x = x + self.attn2(h, context)
 
         h = (layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dt)
-        ff = self.ffn_out(jax.nn.gelu(self.ffn_in(h), approximate=True))  # (B, N, D)
-        return (x.astype(F32) + ff.astype(F32) * c_gate).astype(dt)
+        ff = sharding.constrain(self.ffn_in(h), ("batch", "length", "mlp"))  # (B, N, F)
+        ff = self.ffn_out(jax.nn.gelu(ff, approximate=True))  # (B, N, D)
+        x = (x.astype(F32) + ff.astype(F32) * c_gate).astype(dt)
+        return sharding.constrain(x, ACT)
 
 
-def _block_fwd(block, x, context, mod, cos, sin):
-    return block(x, context, mod, cos, sin)
+ACT = ("batch", "length", None)  # the residual stream (B, N, D): batch- and sequence-sharded
 
 
-_block_fwd_remat = nnx.remat(_block_fwd)
+def remat_policy(name):
+    """REMAT_POLICIES name (or bool) -> (remat?, jax.checkpoint policy)."""
+    name = {True: "full", False: "none", None: "none"}.get(name, name)
+    if name not in REMAT_POLICIES:
+        raise UserError(f"dit.overrides.remat: unknown policy {name!r}; known: {sorted(REMAT_POLICIES)}")
+    return name != "none", REMAT_POLICIES[name]()
+
+
+REMAT_POLICIES = {
+    "none": lambda: None,
+    "full": lambda: None,  # save nothing but the block inputs
+    "dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def run_blocks(blocks, hid, ctx, mod, cos, sin, cfg: DiTConfig):
+    """Applies the blocks in order, as pure functions of each block's state so that remat and
+    scan act on plain pytrees. scan_layers stacks the blocks' states at call time (one copy of
+    the parameters, sharded like them) and scans one compiled block over them."""
+    graphdef, first = nnx.split(blocks[0])
+
+    def apply(state, h):
+        return nnx.merge(graphdef, state)(h, ctx, mod, cos, sin)
+
+    use_remat, policy = remat_policy(cfg.remat)
+    if use_remat:
+        apply = jax.checkpoint(apply, policy=policy)
+    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+    if cfg.scan_layers and len(states) > 1:
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        hid, _ = jax.lax.scan(lambda h, st: (apply(st, h), None), hid, stacked)
+        return hid
+    for st in states:
+        hid = apply(st, hid)  # (B, N, D)
+    return hid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,6 +323,7 @@ class WanDiT(nnx.Module):
         # Patchify: token order (f, h, w), patch vector order (pt, ph, pw, C).
         tok = x.reshape(B, f, pt, h, ph, w, pw, C).transpose(0, 1, 3, 5, 2, 4, 6, 7)
         hid = self.patch_embedding(tok.reshape(B, n, pt * ph * pw * C).astype(dt))  # (B, N, D)
+        hid = sharding.constrain(hid, ACT)
 
         if positions is None:
             positions = grid_positions(f, h, w)[None]  # (1, N, 3): broadcasts over the batch
@@ -296,9 +345,7 @@ class WanDiT(nnx.Module):
         ctx = self.text_embedder_1(context.astype(dt))
         ctx = self.text_embedder_2(jax.nn.gelu(ctx, approximate=True))  # (B, L, D)
 
-        fwd = _block_fwd_remat if cfg.remat else _block_fwd
-        for block in self.blocks:
-            hid = fwd(block, hid, ctx, mod, cos, sin)  # (B, N, D)
+        hid = run_blocks(list(self.blocks), hid, ctx, mod, cos, sin, cfg)  # (B, N, D)
 
         m = self.scale_shift_table[...].astype(F32)[None] + temb[:, :, None, :]  # (B, S, 2, D)
         shift, scale = m[:, :, 0], m[:, :, 1]

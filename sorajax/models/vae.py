@@ -11,6 +11,13 @@ the previous chunk. The cache is a flat list of fixed-shape arrays, so long clip
 never hold the whole clip's activations. Zero front padding of a causal conv is expressed as a
 zero cache, which makes the first chunk's cache shapes equal to the later ones.
 
+Under `sharding.activation_rules` every (B, T, H, W, C) activation, the feature cache included,
+is constrained to ("batch", "time", "height", "width", channels unsharded): with the default rules
+rows are split over the "context" mesh axis, so XLA partitions each 3x3 convolution spatially and
+exchanges one-row halos between neighbours (collective-permute) instead of gathering frames. Only the
+mid-block's per-frame attention gathers its keys/values (queries stay row-sharded). Outside
+activation_rules every constraint is a no-op.
+
 The parameter tree mirrors diffusers' module names, so `load_diffusers` maps names one to one.
 """
 from __future__ import annotations
@@ -24,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sorajax import sharding
 from sorajax.errors import WeightsMismatch
 
 Array = jax.Array
@@ -65,6 +73,20 @@ def latent_shape(cfg: VAEConfig, frames: int, height: int, width: int) -> tuple[
     if height % s or width % s:
         raise ValueError(f"height and width must be divisible by {s}, got {height}x{width}")
     return (1 + (frames - 1) // r, height // s, width // s, cfg.z_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation sharding (logical names only; the active rules map them to mesh axes)
+# ----------------------------------------------------------------------------------------------
+_ROWS = ("batch", "time", "height", "width", None)  # (B, T, H, W, C): sequence-sharded over space
+_FRAMES = ("batch", "time", None, None, None)  # whole frames on every device (attention keys)
+
+
+def _shard(x: Array) -> Array:
+    """Keeps a (B, T, H, W, C) activation sharded over batch and rows (no-op outside
+    sharding.activation_rules). Applied at every conv / block boundary so the SPMD partitioner
+    never picks a replicated layout for a convolution and exchanges halos instead."""
+    return sharding.constrain(x, _ROWS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,14 +176,15 @@ class CausalConv3d(Conv):
 
     def __call__(self, x: Array, cache: Optional[_Cache] = None) -> Array:  # (B, T, H, W, C)
         kt, kh, kw = self.kernel.shape[:3]
+        x = _shard(x)
         if kt > 1:
             prev = cache.take() if cache is not None else None
             if prev is None:  # zero front padding == an all-zero cache
                 prev = jnp.zeros((x.shape[0], kt - 1, *x.shape[2:]), x.dtype)
-            x = jnp.concatenate([prev.astype(x.dtype), x], axis=1)
+            x = _shard(jnp.concatenate([_shard(prev.astype(x.dtype)), x], axis=1))
             if cache is not None:
-                cache.put(x[:, -(kt - 1):])  # last kt-1 input frames for the next chunk
-        return super().__call__(x, [(0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)])
+                cache.put(_shard(x[:, -(kt - 1):]))  # last kt-1 input frames for the next chunk
+        return _shard(super().__call__(x, [(0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)]))
 
 
 class RMSNorm(nnx.Module):
@@ -187,10 +210,11 @@ class ResidualBlock(nnx.Module):
         self.conv_shortcut = CausalConv3d(cin, cout, (1, 1, 1), cfg=cfg, rngs=rngs) if cin != cout else None
 
     def __call__(self, x: Array, cache: _Cache) -> Array:  # (B, T, H, W, Cin) -> (..., Cout)
+        x = _shard(x)
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
         x = self.conv1(jax.nn.silu(self.norm1(x)), cache)
         x = self.conv2(jax.nn.silu(self.norm2(x)), cache)  # dropout: Wan uses 0 (checked in WanVAE)
-        return x + h
+        return _shard(x + h)
 
 
 class AttentionBlock(nnx.Module):
@@ -203,12 +227,19 @@ class AttentionBlock(nnx.Module):
 
     def __call__(self, x: Array, cache: Optional[_Cache] = None) -> Array:  # (B, T, H, W, C)
         B, T, H, W, C = x.shape
+        x = _shard(x)
         h = self.norm(x).reshape(B * T, H, W, C)
-        q, k, v = jnp.split(self.to_qkv(h).reshape(B * T, H * W, 3 * C), 3, axis=-1)  # (BT, HW, C)
+        qkv = self.to_qkv(h).reshape(B, T, H, W, 3 * C)
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # (B, T, H, W, C)
+        # Each frame attends over all its pixels: sequence-sharded, the queries keep their rows
+        # and only keys/values are gathered to whole frames (logits stay (rows / n) x HW).
+        q = _shard(q).reshape(B * T, H * W, C)  # (BT, HW, C)
+        k = sharding.constrain(k, _FRAMES).reshape(B * T, H * W, C)
+        v = sharding.constrain(v, _FRAMES).reshape(B * T, H * W, C)
         logits = jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(C)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        o = jnp.einsum("bqk,bkc->bqc", probs, v).reshape(B * T, H, W, C)
-        return x + self.proj(o).reshape(B, T, H, W, C)
+        o = _shard(jnp.einsum("bqk,bkc->bqc", probs, v).reshape(B, T, H, W, C))
+        return _shard(x + self.proj(o.reshape(B * T, H, W, C)).reshape(B, T, H, W, C))
 
 
 class Resample(nnx.Module):
@@ -230,16 +261,17 @@ class Resample(nnx.Module):
             self.time_conv = None
 
     def __call__(self, x: Array, cache: _Cache) -> Array:  # (B, T, H, W, C)
+        x = _shard(x)
         if self.mode == "upsample3d":
             # diffusers' "Rep": the first chunk is not doubled in time; later chunks run a causal
             # conv over frames 1.. only (zero padded), so the first chunk leaves a zero cache.
             if cache.first:
                 cache.take()
-                cache.put(jnp.zeros((x.shape[0], 2, *x.shape[2:]), x.dtype))
+                cache.put(_shard(jnp.zeros((x.shape[0], 2, *x.shape[2:]), x.dtype)))
             else:
                 B, T, H, W, C = x.shape
                 y = self.time_conv(x, cache).reshape(B, T, H, W, 2, C)  # channel = k*C + c
-                x = y.transpose(0, 1, 4, 2, 3, 5).reshape(B, 2 * T, H, W, C)  # frame 2t + k
+                x = _shard(y.transpose(0, 1, 4, 2, 3, 5).reshape(B, 2 * T, H, W, C))  # frame 2t + k
         B, T, H, W, C = x.shape
         x = x.reshape(B * T, H, W, C)
         conv = self.resample[1]
@@ -248,15 +280,16 @@ class Resample(nnx.Module):
             x = conv(x, [(1, 1), (1, 1)])
         else:
             x = conv(x, [(0, 1), (0, 1)])  # ZeroPad2d((0, 1, 0, 1)) then stride-2 conv
-        x = x.reshape(B, T, *x.shape[1:])
+        x = _shard(x.reshape(B, T, *x.shape[1:]))
         if self.mode == "downsample3d":
             # First chunk passes through; later ones: stride-2 valid conv over [last frame of the
             # previous chunk, this chunk].
             prev = cache.take()
-            cache.put(x[:, -1:])
+            cache.put(_shard(x[:, -1:]))
             if prev is not None:
-                x = Conv.__call__(self.time_conv, jnp.concatenate([prev.astype(x.dtype), x], axis=1))
-        return x
+                x = _shard(jnp.concatenate([prev.astype(x.dtype), x], axis=1))
+                x = Conv.__call__(self.time_conv, x)
+        return _shard(x)
 
 
 class MidBlock(nnx.Module):
@@ -305,7 +338,7 @@ class Encoder3d(nnx.Module):
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, (3, 3, 3), cfg=cfg, rngs=rngs)
 
     def __call__(self, x: Array, cache: _Cache) -> Array:  # (B, 1 or r, H, W, 3) -> (B, 1, h, w, 2z)
-        x = self.conv_in(x, cache)
+        x = self.conv_in(_shard(x), cache)
         for layer in self.down_blocks:
             x = layer(x, cache)
         x = self.mid_block(x, cache)
@@ -329,7 +362,7 @@ class Decoder3d(nnx.Module):
         self.conv_out = CausalConv3d(dims[-1], 3, (3, 3, 3), cfg=cfg, rngs=rngs)
 
     def __call__(self, z: Array, cache: _Cache) -> Array:  # (B, 1, h, w, z) -> (B, 1 or r, H, W, 3)
-        x = self.conv_in(z, cache)
+        x = self.conv_in(_shard(z), cache)
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
             x = block(x, cache)
@@ -343,31 +376,32 @@ def _chunked(module: nnx.Module, first: Array, rest: Array, remat: bool) -> Arra
     """Runs `module(chunk, cache)` on `first`, then scans it over `rest` (N, B, t, ...) carrying
     the feature cache; returns all outputs concatenated along time."""
     cache = _Cache()
-    y0 = module(first, cache)  # (B, t0, ...)
+    y0 = _shard(module(_shard(first), cache))  # (B, t0, ...)
     if rest.shape[0] == 0:
         return y0
+    rest = sharding.constrain(rest, (None, *_ROWS))  # (N, B, t, H, W, C): chunks keep their rows
     if rest.shape[0] <= _UNROLL_CHUNKS:
         # Few chunks (training clips): a Python loop. XLA:CPU differentiates a scan over conv
         # chunks ~30x slower than the same chunks unrolled; long clips still scan (compile once).
         ys, prev = [y0], cache.new
         for i in range(rest.shape[0]):
             c = _Cache(prev)
-            ys.append(module(rest[i], c).astype(y0.dtype))
+            ys.append(_shard(module(rest[i], c).astype(y0.dtype)))
             prev = c.new
-        return jnp.concatenate(ys, axis=1)
+        return _shard(jnp.concatenate(ys, axis=1))
     graphdef, state = nnx.split(module)
 
     def body(carry, chunk):
-        c = _Cache(carry)
-        y = nnx.merge(graphdef, state)(chunk, c)
+        c = _Cache(carry)  # cache entries are row-sharded like the activations (CausalConv3d)
+        y = _shard(nnx.merge(graphdef, state)(_shard(chunk), c))
         return c.new, y
 
     if remat:
         body = jax.checkpoint(body)
     _, ys = jax.lax.scan(body, cache.new, rest)  # (N, B, t1, ...)
-    ys = jnp.swapaxes(ys, 0, 1)
-    ys = ys.reshape(ys.shape[0], -1, *ys.shape[3:])  # (B, N*t1, ...)
-    return jnp.concatenate([y0, ys.astype(y0.dtype)], axis=1)
+    ys = jnp.swapaxes(sharding.constrain(ys, (None, *_ROWS)), 0, 1)
+    ys = _shard(ys.reshape(ys.shape[0], -1, *ys.shape[3:]))  # (B, N*t1, ...)
+    return _shard(jnp.concatenate([y0, ys.astype(y0.dtype)], axis=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,21 +430,21 @@ class WanVAE(nnx.Module):
         B, T, H, W, C = x.shape
         latent_shape(self.cfg, T, H, W)
         r = self.temporal_stride
-        x = x.astype(self.cfg.dtype)
+        x = _shard(x.astype(self.cfg.dtype))
         rest = jnp.swapaxes(x[:, 1:].reshape(B, (T - 1) // r, r, H, W, C), 0, 1)  # (N, B, r, H, W, C)
         h = self.quant_conv(_chunked(self.encoder, x[:, :1], rest, self.cfg.remat))  # (B, t, h, w, 2z)
         mean, logvar = jnp.split(h, 2, axis=-1)
-        return mean, jnp.clip(logvar, -30.0, 20.0)
+        return _shard(mean), _shard(jnp.clip(logvar, -30.0, 20.0))
 
     def decode(self, z: Array, clip: bool = True) -> Array:
         """(B, t, h, w, z) latents -> (B, 1 + r*(t-1), H, W, 3) pixels clipped to [-1, 1].
 
         Training passes clip=False: a clipped output has zero gradient wherever it saturates,
         which can leave a young decoder stuck outputting -1 everywhere."""
-        z = self.post_quant_conv(z.astype(self.cfg.dtype))  # (B, t, h, w, z)
+        z = self.post_quant_conv(_shard(z.astype(self.cfg.dtype)))  # (B, t, h, w, z)
         rest = jnp.swapaxes(z[:, 1:, None], 0, 1)  # (t-1, B, 1, h, w, z)
         x = _chunked(self.decoder, z[:, :1], rest, self.cfg.remat)
-        return jnp.clip(x, -1.0, 1.0) if clip else x
+        return _shard(jnp.clip(x, -1.0, 1.0) if clip else x)
 
     @staticmethod
     def sample_latent(mean: Array, logvar: Array, key: Array) -> Array:

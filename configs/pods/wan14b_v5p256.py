@@ -1,0 +1,28 @@
+"""Wan 2.1 14B, 81 frames at 720x1280 (75,600 tokens/clip), global batch 32 on a TPU v5p-256 slice
+(128 chips): FSDP 32 x context 4 (all-to-all heads<->sequence, splash attention), full remat,
+scanned layers, bf16 compute with f32 master weights and optimizer state sharded like them.
+
+    # 1. prove it fits (CPU-only machine, libtpu): docs/SCALING.md
+    python scripts/aot_compile.py --config configs/pods/wan14b_v5p256.py --topology v5p-256
+    # 2. TPU VM slice (every worker runs the same command; jax.distributed finds the others):
+    gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command \\
+      "cd sorajax && .venv/bin/python -m sorajax.train --config configs/pods/wan14b_v5p256.py \\
+       --workdir /mnt/gcs/runs/wan14b --config.text.tokenizer=/path/to/umt5-xxl-tokenizer"
+/mnt/gcs = a Cloud Storage bucket mounted with gcsfuse on every worker (docs/RELIABILITY.md).
+Tiny variant (fake CPU devices, tests):
+    python -m sorajax.train --config configs/pods/wan14b_v5p256.py:runlocal --workdir /tmp/p
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _base  # noqa: E402
+
+
+def get_config(arg: str = ""):
+    return _base.preset(
+        "wan2_1_t2v_14b", arg, frames=81, height=720, width=1280, batch=32,
+        mesh=dict(fsdp=32, context=4),
+        dit=dict(attention="splash", context_parallel="all_to_all", remat="full", scan_layers=True,
+                 dtype="bfloat16", param_dtype="float32"),
+        runlocal_mesh=dict(data=-1))

@@ -1,0 +1,24 @@
+"""Wan 2.1 1.3B, 81 frames at 480x832 (32,760 tokens/clip), global batch 16 on one 8 x H100 host:
+FSDP 8, cuDNN flash attention, bf16 compute, dots-saveable remat.
+
+    python -m sorajax.train --config configs/pods/wan1p3b_8xh100.py --workdir /data/runs/wan1p3b \\
+        --config.text.tokenizer=/path/to/umt5-xxl-tokenizer
+    # Several hosts under SLURM (jax.distributed reads SLURM_*): one task per host, 8 GPUs each:
+    srun --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 .venv/bin/python -m sorajax.train \\
+        --config configs/pods/wan1p3b_8xh100.py --workdir /shared/runs/wan1p3b --config.mesh.fsdp=32
+Tiny variant (fake CPU devices, tests):
+    python -m sorajax.train --config configs/pods/wan1p3b_8xh100.py:runlocal --workdir /tmp/p
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _base  # noqa: E402
+
+
+def get_config(arg: str = ""):
+    return _base.preset(
+        "wan2_1_t2v_1p3b", arg, frames=81, height=480, width=832, batch=16,
+        mesh=dict(fsdp=8),
+        dit=dict(attention="cudnn", remat="dots", scan_layers=True, dtype="bfloat16", param_dtype="float32"),
+        runlocal_mesh=dict(data=-1))

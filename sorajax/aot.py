@@ -1,0 +1,440 @@
+"""Ahead-of-time planner: compile the real train step (and the sampler's denoising step) for a
+named TPU topology on a CPU-only machine, and report whether it fits and what it costs.
+
+    python scripts/aot_compile.py --config configs/wan2_1_t2v_14b.py --topology v5p-256 \\
+        --global-batch 32 --frames 81 --height 720 --width 1280
+
+With libtpu installed, `jax.experimental.topologies` describes a TPU slice (or several, for
+multi-slice) without any TPU attached; XLA's TPU compiler then compiles the sharded program for
+those devices, and its memory analysis is the per-chip HBM the program will use. Nothing runs.
+
+Output (JSON): per-chip bytes (arguments, temporaries, outputs, aliased, total), the chip's HBM,
+"fits" with the headroom, XLA's FLOPs per step next to the analytic model FLOPs (REFERENCE.md
+formulas; Pallas kernels such as splash attention are invisible to XLA's count), and the count
+and bytes of every collective in the compiled HLO. `--search` compiles several mesh shapes and
+remat policies and ranks those that fit by per-chip memory and collective bytes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from sorajax.errors import UserError
+
+# ----------------------------------------------------------------------------------------------
+# TPU topologies
+# ----------------------------------------------------------------------------------------------
+# cores_per_chip: how the name counts (v4/v5p names count TensorCores, 2 per chip; v5e/v6e count
+# chips). peak: dense bf16 TFLOP/s per chip; hbm in GiB per chip (REFERENCE.md).
+CHIPS = {
+    "v4": dict(cores_per_chip=2, dims=3, hbm_gib=32, peak_tflops=275),
+    "v5p": dict(cores_per_chip=2, dims=3, hbm_gib=95, peak_tflops=459),
+    "v5e": dict(cores_per_chip=1, dims=2, hbm_gib=16, peak_tflops=197),
+    "v6e": dict(cores_per_chip=1, dims=2, hbm_gib=32, peak_tflops=918),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e"}
+
+
+def _grid(chips: int, dims: int) -> tuple[int, ...]:
+    """Physical chip grid of a slice: powers of two, as balanced as possible (v5p-256 -> 4x4x8)."""
+    if chips < 1 or chips & (chips - 1):
+        raise ValueError
+    shape = [1] * dims
+    i = 0
+    while math.prod(shape) < chips:
+        shape[i % dims] *= 2
+        i += 1
+    return tuple(sorted(x for x in shape if x > 1)) + tuple(x for x in shape if x == 1)  # 2x2x1
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str  # e.g. "v5p-256"
+    generation: str
+    chips: int  # per slice
+    grid: tuple[int, ...]
+    num_slices: int
+    hbm_bytes: int
+    peak_flops: float  # per chip
+
+    @property
+    def total_chips(self) -> int:
+        return self.chips * self.num_slices
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+    """'v5p-256' / 'v5e-16' / 'v6e-256' / 'v4-32' -> Topology. Raises UserError naming what's allowed."""
+    allowed = "v4-N, v5p-N (N TensorCores, 2 per chip, N >= 8) or v5e-N, v6e-N (N chips), N a power of two"
+    m = re.fullmatch(r"([a-z0-9]+)-(\d+)", str(name).strip().lower())
+    gen = _ALIASES.get(m.group(1), m.group(1)) if m else None
+    if not m or gen not in CHIPS:
+        raise UserError(f"--topology: unknown TPU topology {name!r}; expected {allowed}")
+    info = CHIPS[gen]
+    n = int(m.group(2))
+    chips = n // info["cores_per_chip"]
+    try:
+        if n % info["cores_per_chip"] or chips < (4 if info["dims"] == 3 else 1):
+            raise ValueError
+        grid = _grid(chips, info["dims"])
+    except ValueError:
+        raise UserError(f"--topology: {name!r} is not a valid slice size; expected {allowed}") from None
+    if num_slices < 1:
+        raise UserError(f"--num-slices must be >= 1, got {num_slices}")
+    return Topology(f"{gen}-{n}", gen, chips, grid, int(num_slices), int(info["hbm_gib"] * 2**30),
+                    info["peak_tflops"] * 1e12)
+
+
+def ensure_libtpu() -> None:
+    """Makes libtpu importable: `make aot-deps` installs it into .venv/aot-libtpu, outside the
+    venv's import path (set SORAJAX_LIBTPU_DIR to use another folder)."""
+    # Compile-only use attaches no TPU: let several planners (or tests) load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        import libtpu  # noqa: F401
+        return
+    except ImportError:
+        pass
+    for d in (os.environ.get("SORAJAX_LIBTPU_DIR"), os.path.join(sys.prefix, "aot-libtpu")):
+        if d and os.path.isdir(os.path.join(d, "libtpu")):
+            sys.path.insert(0, d)
+            return
+    raise UserError("the AOT planner needs libtpu: run `make aot-deps` (installs it into "
+                    ".venv/aot-libtpu) or `pip install -r requirements-aot.txt`")
+
+
+def topology_devices(topo: Topology):
+    """Compile-only TPU devices for the topology (needs libtpu; no TPU attached)."""
+    ensure_libtpu()
+    try:
+        from jax.experimental import topologies
+    except ImportError as e:  # pragma: no cover
+        raise UserError(f"jax.experimental.topologies unavailable: {e}") from None
+    grid = "x".join(str(g) for g in topo.grid)
+    grid3 = tuple(topo.grid) + (1,) * (3 - len(topo.grid))
+    host = tuple(min(h, g) for h, g in zip((2, 2, 1), grid3))  # 4 chips per TPU VM host
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=f"{topo.generation}:{grid}", chips_per_host_bounds=host,
+            num_slices=topo.num_slices)
+    except Exception as e:  # noqa: BLE001 - libtpu missing or refuses the topology
+        msg = str(e).splitlines()[0][:200]
+        raise UserError(f"cannot describe TPU topology {topo.name} x{topo.num_slices} "
+                        f"(is libtpu installed? `pip install libtpu`): {msg}") from None
+    return list(desc.devices)
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytic FLOPs (REFERENCE.md)
+# ----------------------------------------------------------------------------------------------
+def dit_forward_flops(dit_cfg, tokens: int, text_len: int) -> float:
+    """Forward FLOPs of the DiT for one sample: per block 8Nd^2 + 4N^2d (self-attention) +
+    4Nd^2 + 4Md^2 + 4NMd (cross-attention) + 4Nfd (GELU MLP)."""
+    n, m, d, f = tokens, text_len, dit_cfg.dim, dit_cfg.ffn_dim
+    block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * d + 4 * m * d * d + 4 * n * m * d + 4 * n * f * d
+    return float(dit_cfg.num_layers * block)
+
+
+def text_forward_flops(text_cfg, text_len: int) -> float:
+    """Encoder forward per prompt: 2 x matmul params x tokens + attention 4 L^2 inner."""
+    d, inner, ff = text_cfg.d_model, text_cfg.num_heads * text_cfg.d_kv, text_cfg.d_ff
+    per_layer = 2 * text_len * (4 * d * inner + 3 * d * ff) + 4 * text_len * text_len * inner
+    return float(text_cfg.num_layers * per_layer)
+
+
+# ----------------------------------------------------------------------------------------------
+# HLO statistics
+# ----------------------------------------------------------------------------------------------
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+                "f64": 8, "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
+_OP = re.compile(r"=\s*(\([^=]*?\)|[a-z0-9]+\[[^\]]*\][^ ]*)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_SHAPE = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
+
+
+def collective_stats(hlo_text: str) -> dict:
+    """{op: {"count": n, "bytes": result bytes per chip}} over the compiled (per-chip) HLO."""
+    out = {c: {"count": 0, "bytes": 0} for c in COLLECTIVES}
+    for m in _OP.finditer(hlo_text):
+        shapes, op = m.group(1), m.group(2)
+        nbytes = 0
+        for dt, dims in _SHAPE.findall(shapes):
+            if dt in _DTYPE_BYTES:
+                nbytes += _DTYPE_BYTES[dt] * math.prod(int(x) for x in dims.split(",") if x)
+        if op == "all-reduce" or op == "collective-permute" or op == "all-to-all":
+            pass  # start ops' tuples hold (operand, result): count them once below
+        if m.group(3) and shapes.startswith("("):
+            nbytes //= 2
+        out[op]["count"] += 1
+        out[op]["bytes"] += nbytes
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning one configuration
+# ----------------------------------------------------------------------------------------------
+def _apply(config, args_mesh: dict | None, frames, height, width, batch, remat, extra):
+    from sorajax import config_lib
+
+    with config.unlocked():
+        if frames:
+            config.data.frames = int(frames)
+        if height:
+            config.data.height = int(height)
+        if width:
+            config.data.width = int(width)
+        if batch:
+            config.train.batch_size = int(batch)
+        if args_mesh:
+            for k, v in args_mesh.items():
+                config.mesh[k] = int(v)
+        if remat:
+            config.dit.overrides = dict(config.dit.get("overrides") or {}, remat=remat)
+    if extra:
+        config = config_lib.apply_overrides(config, list(extra))
+    return config
+
+
+def _tokenizer(config):
+    """The run's tokenizer, or the repository's small UMT5 tokenizer: the planner only needs the
+    empty prompt's ids (</s> then padding), which every UMT5/T5 tokenizer agrees on."""
+    from sorajax import tokenizer as tok_lib
+
+    path = config.text.get("tokenizer") or ""
+    if not path or not os.path.exists(path):
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "tests", "fixtures", "umt5_tiny", "tokenizer")
+    return tok_lib.Tokenizer.load(path)
+
+
+@contextlib.contextmanager
+def _tpu_trace():
+    from sorajax.models import attention
+
+    attention._AOT_PLATFORM.append("tpu")
+    try:
+        yield
+    finally:
+        attention._AOT_PLATFORM.pop()
+
+
+def _memory(compiled) -> dict:
+    ma = compiled.memory_analysis()
+    arg, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+    alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
+    code = int(ma.generated_code_size_in_bytes)
+    return {"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+            "code_bytes": code, "total_bytes": arg + out - alias + temp + code}
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED.*?required for HLO temporaries \(([\d.]+)([KMGT])\)")
+
+
+def _oom_bytes(msg: str):
+    m = _OOM.search(msg.replace("\n", " "))
+    if not m:
+        return None
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))
+
+
+def _oom_report(config, topo, mesh, temp_bytes, compile_s, msg):
+    """XLA's compile-time out-of-memory answer as a planner result (fits: false)."""
+    return {"config": {"frames": int(config.data.frames), "height": int(config.data.height),
+                       "width": int(config.data.width), "global_batch": int(config.train.batch_size)},
+            "topology": {"name": topo.name, "num_slices": topo.num_slices, "chips": mesh.devices.size,
+                         "hbm_bytes_per_chip": topo.hbm_bytes},
+            "mesh": {k: int(v) for k, v in mesh.shape.items()},
+            "train_step": {"fits": False, "per_chip": {"temp_bytes": temp_bytes},
+                           "hbm_bytes": topo.hbm_bytes, "compile_s": compile_s,
+                           "xla_message": " ".join(msg.split())[:400]}}
+
+
+def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) -> dict:
+    """Compiles the DiT train step (and one CFG denoising step) of `config` for `devices`."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sorajax import sharding, train
+    from sorajax.models import dit as dit_lib
+    from sorajax.models import video
+
+    t0 = time.time()
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    stage = train.DiTStage(config, "/nonexistent", _tokenizer(config))
+    trainer = train.Trainer(stage, config, mesh)
+    vae_cfg, dit_cfg, text_cfg = stage.cfgs
+    tcfg = config.train
+    B, F, H, W = int(tcfg.batch_size), int(config.data.frames), int(config.data.height), int(config.data.width)
+    st, ss = vae_cfg.temporal_stride, vae_cfg.spatial_stride
+    if (F - 1) % st or H % (ss * dit_cfg.patch_size[1]) or W % (ss * dit_cfg.patch_size[2]):
+        raise UserError(f"frames/height/width {F}/{H}/{W}: frames must be 1 + {st}k and sizes "
+                        f"multiples of {ss * dit_cfg.patch_size[1]}")
+    dp = sharding.data_parallel_size(mesh, trainer.rules)
+    accum = int(tcfg.get("grad_accum", 1) or 1)
+    if B % (dp * accum):
+        raise UserError(f"train.batch_size={B} does not divide over {dp} data-parallel devices "
+                        f"x grad_accum {accum} of mesh {dict(mesh.shape)}")
+    lat = (B, 1 + (F - 1) // st, H // ss, W // ss, vae_cfg.z_dim)
+    L = int(config.text.max_length)
+    rules = trainer.rules
+    bs = lambda nd: sharding.batch_sharding(mesh, rules, nd)
+    batch = {"latents": jax.ShapeDtypeStruct(lat, jnp.float32, sharding=bs(5)),
+             "ids": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs(2)),
+             "mask": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs(2))}
+    state = trainer.abstract_target()
+    tokens = dit_lib.num_tokens(dit_cfg, lat)
+    with _tpu_trace():
+        lowered = trainer.step_fn().lower(state, batch)
+    t1 = time.time()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA refuses a program that cannot fit: report it
+        need = _oom_bytes(str(e))
+        if need is None:
+            raise
+        return _oom_report(config, topo, mesh, need, round(time.time() - t1, 1), str(e))
+    t2 = time.time()
+    mem = _memory(compiled)
+    hbm = topo.hbm_bytes
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    n_chips = mesh.devices.size
+    model_fwd = B * (dit_forward_flops(dit_cfg, tokens, L) + text_forward_flops(text_cfg, L))
+    model_train = B * 3 * dit_forward_flops(dit_cfg, tokens, L) + B * text_forward_flops(text_cfg, L)
+    out = {
+        "config": {"frames": F, "height": H, "width": W, "global_batch": B, "grad_accum": accum,
+                   "latent_shape": list(lat), "tokens_per_sample": tokens, "text_len": L,
+                   "dit": {"variant": config.dit.variant, "attention": dit_cfg.attention,
+                           "context_parallel": dit_cfg.context_parallel,
+                           "remat": str(dit_cfg.remat), "scan_layers": dit_cfg.scan_layers,
+                           "dtype": str(dit_cfg.dtype), "param_dtype": str(dit_cfg.param_dtype)}},
+        "topology": {"name": topo.name, "num_slices": topo.num_slices, "chips": n_chips,
+                     "grid": list(topo.grid), "hbm_bytes_per_chip": hbm},
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "train_step": {
+            "per_chip": mem,
+            "hbm_bytes": hbm,
+            "fits": mem["total_bytes"] <= hbm,
+            "headroom": round(1.0 - mem["total_bytes"] / hbm, 4),
+            "xla_flops_per_step": float(cost.get("flops", 0.0)) * n_chips,
+            "model_flops_per_step": model_train,
+            "model_flops_note": "DiT 3x forward (REFERENCE.md formulas) + frozen text encoder forward",
+            "xla_flops_note": "XLA's own count for the compiled program: includes remat recompute, "
+                              "counts a while loop's body once (scan_layers: one block; ring/flash "
+                              "attention loops: one block) and excludes Pallas kernels (splash)",
+            "step_time_at_100pct_mfu_s": model_train / (n_chips * topo.peak_flops),
+            "collectives": collective_stats(compiled.as_text()),
+            "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
+        },
+    }
+    del compiled, lowered
+    if sampler:
+        out["sampler_step"] = _plan_sampler(trainer, stage, mesh, lat, L, topo, dit_cfg, text_cfg)
+    return out
+
+
+def _plan_sampler(trainer, stage, mesh, lat, L, topo, dit_cfg, text_cfg):
+    """One classifier-free-guidance denoising step of the sampler (2B DiT forwards) on the
+    trained params: what `sorajax.sample` runs `steps` times."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sorajax import sharding
+    from sorajax.models import dit as dit_lib
+
+    B = lat[0]
+    rules = trainer.rules
+    state = trainer.abstract_target()
+    params, frozen = state["ema"], state["frozen"]
+    bs = lambda nd: sharding.batch_sharding(mesh, rules, nd)
+    x = jax.ShapeDtypeStruct(lat, jnp.float32, sharding=bs(5))
+    ctx = jax.ShapeDtypeStruct((2 * B, L, text_cfg.d_model), jnp.float32, sharding=bs(3))
+    sig = jax.ShapeDtypeStruct((B,), jnp.float32, sharding=bs(1))
+
+    def step(params, frozen, x, ctx, sigma):
+        with sharding.activation_rules(mesh, rules):
+            model = nnx.merge(trainer.graphdef, params, frozen)
+            v = model.velocity(jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]), ctx)
+            cond, uncond = jnp.split(v, 2)
+            return x - 0.02 * (uncond + 5.0 * (cond - uncond))
+
+    t0 = time.time()
+    with _tpu_trace():
+        lowered = jax.jit(step, donate_argnums=(2,)).lower(params, frozen, x, ctx, sig)
+    compiled = lowered.compile()
+    mem = _memory(compiled)
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    tokens = dit_lib.num_tokens(dit_cfg, lat)
+    return {"per_chip": mem, "fits": mem["total_bytes"] <= topo.hbm_bytes,
+            "headroom": round(1.0 - mem["total_bytes"] / topo.hbm_bytes, 4),
+            "xla_flops_per_step": float(cost.get("flops", 0.0)) * mesh.devices.size,
+            "model_flops_per_step": 2 * B * dit_forward_flops(dit_cfg, tokens, L),
+            "collectives": collective_stats(compiled.as_text()),
+            "compile_s": round(time.time() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Search
+# ----------------------------------------------------------------------------------------------
+def candidate_meshes(chips: int, batch: int, heads: int, tokens: int, max_context: int = 64):
+    """(fsdp, context, tensor) with fsdp*context*tensor = chips, the batch divisible over fsdp,
+    tensor dividing the heads; smallest context and tensor first."""
+    out = []
+    p2 = [2**i for i in range(0, int(math.log2(chips)) + 1)]
+    for t, c in itertools.product(p2, p2):
+        if t * c > chips or chips % (t * c) or heads % t or c > max_context or tokens % c:
+            continue
+        f = chips // (t * c)
+        if batch % f:
+            continue
+        out.append(dict(data=1, fsdp=f, context=c, tensor=t))
+    return sorted(out, key=lambda m: (m["tensor"], m["context"]))
+
+
+def search(config, devices, topo, *, remats=("full", "dots"), max_candidates=6, log=print):
+    from sorajax.models import video
+
+    import copy
+
+    from sorajax.models import dit as dit_lib
+
+    vae_cfg, dit_cfg, _ = video.model_configs(config)
+    B, st, ss = int(config.train.batch_size), vae_cfg.temporal_stride, vae_cfg.spatial_stride
+    lat = (1 + (int(config.data.frames) - 1) // st, int(config.data.height) // ss, int(config.data.width) // ss)
+    lat_tokens = dit_lib.num_tokens(dit_cfg, lat)
+    per_slice = len(devices) // topo.num_slices
+    meshes = candidate_meshes(per_slice, B // max(topo.num_slices, 1), dit_cfg.num_attention_heads, lat_tokens)
+    results = []
+    for mesh_kw, remat in list(itertools.product(meshes, remats))[:max_candidates]:
+        cfg = copy.deepcopy(config)
+        with cfg.unlocked():
+            for k, v in mesh_kw.items():
+                cfg.mesh[k] = v
+            if topo.num_slices > 1:
+                cfg.mesh.dcn_data = topo.num_slices
+            # all-to-all needs the heads to split over tensor x context; otherwise ring.
+            cp = "all_to_all" if dit_cfg.num_attention_heads % (mesh_kw["context"] * mesh_kw["tensor"]) == 0 else "ring"
+            cfg.dit.overrides = dict(cfg.dit.get("overrides") or {}, remat=remat, context_parallel=cp)
+        log(f"[search] mesh {mesh_kw} remat={remat} context_parallel={cp} ...")
+        try:
+            r = plan(cfg, devices, topo, sampler=False, log=log)
+        except Exception as e:  # noqa: BLE001 - a candidate that does not compile is reported
+            results.append({"mesh": mesh_kw, "remat": remat, "error": str(e).splitlines()[0][:300]})
+            continue
+        ts = r["train_step"]
+        results.append({"mesh": r["mesh"], "remat": remat, "context_parallel": cp,
+                        "fits": ts["fits"], "headroom": ts.get("headroom"), "compile_s": ts["compile_s"],
+                        "per_chip_total_bytes": ts["per_chip"].get("total_bytes"),
+                        "per_chip_temp_bytes": ts["per_chip"]["temp_bytes"],
+                        "collective_bytes": sum(v["bytes"] for v in ts.get("collectives", {}).values())})
+    ok = sorted((r for r in results if r.get("fits")), key=lambda r: (r["per_chip_total_bytes"], r["collective_bytes"]))
+    return {"ranked": ok, "all": results}

@@ -1,0 +1,77 @@
+"""The AOT planner: TPU topology names, analytic FLOPs, HLO collective counting, and a real
+compile of a pod preset's tiny variant for a v5p slice on this CPU-only machine (libtpu)."""
+import json
+
+import pytest
+
+from sorajax import aot, config_lib
+from sorajax.errors import UserError
+from sorajax.models import video
+from tests.helpers import ROOT, run_cli
+
+
+@pytest.mark.parametrize("name,chips,grid", [
+    ("v5p-256", 128, (4, 4, 8)), ("v5p-1024", 512, (8, 8, 8)), ("v5p-8", 4, (2, 2, 1)),
+    ("v4-32", 16, (2, 2, 4)), ("v5e-16", 16, (4, 4)), ("v6e-256", 256, (16, 16)), ("v5litepod-4", 4, (2, 2)),
+])
+def test_topology_names(name, chips, grid):
+    t = aot.parse_topology(name)
+    assert (t.chips, t.grid) == (chips, grid)
+
+
+@pytest.mark.parametrize("name", ["v5p-255", "v7x-8", "v5p", "tpu-8", "v5p-2", "v5e-12"])
+def test_bad_topology_names_are_user_errors(name):
+    with pytest.raises(UserError, match="topology"):
+        aot.parse_topology(name)
+
+
+def test_analytic_flops_follow_reference_formula():
+    """REFERENCE.md: at 75,600 tokens attention is about 70% of the 14B DiT's forward FLOPs."""
+    cfg = config_lib.load_config(str(ROOT / "configs" / "wan2_1_t2v_14b.py"))
+    _, dit_cfg, _ = video.model_configs(cfg)
+    n, d = 75_600, dit_cfg.dim
+    total = aot.dit_forward_flops(dit_cfg, n, 512)
+    attn_core = dit_cfg.num_layers * 4 * n * n * d
+    assert 0.6 < attn_core / total < 0.75
+
+
+def test_collective_stats_parse_hlo():
+    hlo = """
+  %ag = bf16[8,1024]{1,0} all-gather(bf16[1,1024]{1,0} %p), replica_groups={}
+  %ar-start = (f32[256]{0}, f32[256]{0}) all-reduce-start(f32[256]{0} %x), to_apply=%add
+  %cp = f32[2,1,32,3]{3,2,1,0} collective-permute(f32[2,1,32,3]{3,2,1,0} %y), source_target_pairs={{0,1}}
+"""
+    s = aot.collective_stats(hlo)
+    assert s["all-gather"] == {"count": 1, "bytes": 8 * 1024 * 2}
+    assert s["all-reduce"] == {"count": 1, "bytes": 256 * 4}
+    assert s["collective-permute"] == {"count": 1, "bytes": 2 * 32 * 3 * 4}
+    assert s["all-to-all"]["count"] == 0
+
+
+def test_aot_compile_cli_on_a_v5p_topology(tmp_path):
+    """The real train step and sampler step of a pod preset's tiny variant, compiled for a v5p-16
+    slice (8 chips) with data x fsdp x context sharding and all-to-all attention."""
+    out = tmp_path / "plan.json"
+    r = run_cli(["scripts/aot_compile.py", "--config", "configs/pods/wan14b_v5p256.py:runlocal",
+                 "--topology", "v5p-16", "--mesh", "data=2,fsdp=2,context=2,tensor=1",
+                 "--global-batch", "8", "--out", str(out)], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads(out.read_text())
+    assert plan == json.loads(r.stdout)
+    assert plan["topology"]["chips"] == 8 and plan["mesh"] == {"data": 2, "fsdp": 2, "context": 2, "tensor": 1}
+    ts = plan["train_step"]
+    assert ts["fits"] and 0 < ts["per_chip"]["total_bytes"] < ts["hbm_bytes"]
+    assert ts["hbm_bytes"] == 95 * 2**30
+    assert ts["xla_flops_per_step"] > 0 and ts["model_flops_per_step"] > 0
+    assert ts["collectives"]["all-to-all"]["count"] > 0  # context-parallel attention
+    assert ts["collectives"]["all-reduce"]["count"] + ts["collectives"]["reduce-scatter"]["count"] > 0
+    assert plan["sampler_step"]["fits"]
+
+
+def test_aot_compile_bad_input_is_one_line(tmp_path):
+    r = run_cli(["scripts/aot_compile.py", "--config", "configs/toy.py", "--topology", "v9z-8"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --topology")
+    r = run_cli(["scripts/aot_compile.py", "--config", "configs/pods/wan14b_v5p256.py:runlocal",
+                 "--topology", "v5p-16", "--mesh", "fsdp=3"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
