@@ -236,21 +236,26 @@ def _memory(compiled) -> dict:
 _OOM = re.compile(r"RESOURCE_EXHAUSTED.*?required for HLO temporaries \(([\d.]+)([KMGT])\)")
 
 
+_OOM_USED = re.compile(r"RESOURCE_EXHAUSTED.*?Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
+
+
 def _oom_bytes(msg: str):
-    m = _OOM.search(msg.replace("\n", " "))
+    """Bytes XLA said the program needs, from its compile-time out-of-memory error (or None)."""
+    msg = msg.replace("\n", " ")
+    m = _OOM.search(msg) or _OOM_USED.search(msg)
     if not m:
         return None
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))
 
 
-def _oom_report(config, topo, mesh, temp_bytes, compile_s, msg):
+def _oom_report(config, topo, mesh, temp_bytes, compile_s, msg):  # temp_bytes: what XLA asked for
     """XLA's compile-time out-of-memory answer as a planner result (fits: false)."""
     return {"config": {"frames": int(config.data.frames), "height": int(config.data.height),
                        "width": int(config.data.width), "global_batch": int(config.train.batch_size)},
             "topology": {"name": topo.name, "num_slices": topo.num_slices, "chips": mesh.devices.size,
                          "hbm_bytes_per_chip": topo.hbm_bytes},
             "mesh": {k: int(v) for k, v in mesh.shape.items()},
-            "train_step": {"fits": False, "per_chip": {"temp_bytes": temp_bytes},
+            "train_step": {"fits": False, "per_chip": {"required_bytes": temp_bytes},
                            "hbm_bytes": topo.hbm_bytes, "compile_s": compile_s,
                            "xla_message": " ".join(msg.split())[:400]}}
 
@@ -434,7 +439,8 @@ def search(config, devices, topo, *, remats=("full", "dots"), max_candidates=6, 
         results.append({"mesh": r["mesh"], "remat": remat, "context_parallel": cp,
                         "fits": ts["fits"], "headroom": ts.get("headroom"), "compile_s": ts["compile_s"],
                         "per_chip_total_bytes": ts["per_chip"].get("total_bytes"),
-                        "per_chip_temp_bytes": ts["per_chip"]["temp_bytes"],
+                        "per_chip_temp_bytes": ts["per_chip"].get("temp_bytes"),
+                        "per_chip_required_bytes": ts["per_chip"].get("required_bytes"),
                         "collective_bytes": sum(v["bytes"] for v in ts.get("collectives", {}).values())})
     ok = sorted((r for r in results if r.get("fits")), key=lambda r: (r["per_chip_total_bytes"], r["collective_bytes"]))
     return {"ranked": ok, "all": results}

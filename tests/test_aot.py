@@ -48,6 +48,15 @@ def test_collective_stats_parse_hlo():
     assert s["all-to-all"]["count"] == 0
 
 
+def test_compile_time_oom_is_read_as_a_planner_result():
+    a = "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory " \
+        "required for HLO temporaries (102.18G) exceeds available HBM (95.73G)."
+    b = "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of " \
+        "memory in memory space hbm. Used 95.84G of 95.73G hbm. Exceeded hbm capacity by 112.64M."
+    assert aot._oom_bytes(a) == int(102.18 * 2**30) and aot._oom_bytes(b) == int(95.84 * 2**30)
+    assert aot._oom_bytes("INTERNAL: something else") is None
+
+
 def test_aot_compile_cli_on_a_v5p_topology(tmp_path):
     """The real train step and sampler step of a pod preset's tiny variant, compiled for a v5p-16
     slice (8 chips) with data x fsdp x context sharding and all-to-all attention."""
