@@ -1,13 +1,13 @@
 """Prove a config fits a TPU pod before paying for it: compile its train step for a named TPU
 topology on this (CPU-only) machine and print per-chip memory, FLOPs and collectives as JSON.
 
-    python scripts/aot_compile.py --config configs/wan2_1_t2v_14b.py --topology v5p-256 \\
-        --global-batch 32 --frames 81 --height 720 --width 1280
-    python scripts/aot_compile.py --config configs/pods/wan14b_v5p256.py --topology v5p-128 --num-slices 2
-    python scripts/aot_compile.py --config configs/wan2_1_t2v_14b.py --topology v5p-256 --search
+    python scripts/aot_compile.py --config configs/pods/wan14b_v5p256.py --topology v5p-256
+    python scripts/aot_compile.py --config configs/pods/wan14b_2xv5p128.py --topology v5p-128 --num-slices 2
+    python scripts/aot_compile.py --config configs/pods/wan14b_v5p256.py --topology v5p-256 \\
+        --global-batch 64 --frames 121 --search --max-candidates 4
 
-Needs libtpu (`pip install libtpu`): jax.experimental.topologies uses it to describe TPU slices
-without a TPU. Nothing is run; see docs/SCALING.md for how to read the output.
+Needs libtpu (`make aot-deps` installs it into .venv/aot-libtpu): jax.experimental.topologies uses
+it to describe TPU slices without a TPU. Nothing is run; docs/SCALING.md explains the output.
 """
 import argparse
 import json
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="scripts/aot_compile.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1] + "\nAny --config.KEY=VALUE overrides the config.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config file[:arg], e.g. configs/wan2_1_t2v_14b.py")
     p.add_argument("--topology", required=True,
