@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import os
 import re
@@ -97,7 +96,7 @@ def ensure_libtpu() -> None:
     # Compile-only use attaches no TPU: let several planners (or tests) load libtpu at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        import libtpu  # noqa: F401
+        import libtpu  # noqa: F401  (importable: nothing to do)
         return
     except ImportError:
         pass
@@ -167,9 +166,7 @@ def collective_stats(hlo_text: str) -> dict:
         for dt, dims in _SHAPE.findall(shapes):
             if dt in _DTYPE_BYTES:
                 nbytes += _DTYPE_BYTES[dt] * math.prod(int(x) for x in dims.split(",") if x)
-        if op == "all-reduce" or op == "collective-permute" or op == "all-to-all":
-            pass  # start ops' tuples hold (operand, result): count them once below
-        if m.group(3) and shapes.startswith("("):
+        if m.group(3) and shapes.startswith("("):  # an async *-start's tuple: (operand, result)
             nbytes //= 2
         out[op]["count"] += 1
         out[op]["bytes"] += nbytes
@@ -264,11 +261,9 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
     """Compiles the DiT train step (and one CFG denoising step) of `config` for `devices`."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from sorajax import sharding, train
     from sorajax.models import dit as dit_lib
-    from sorajax.models import video
 
     t0 = time.time()
     mesh = sharding.make_mesh(config.mesh, devices=devices)
@@ -311,7 +306,6 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n_chips = mesh.devices.size
-    model_fwd = B * (dit_forward_flops(dit_cfg, tokens, L) + text_forward_flops(text_cfg, L))
     model_train = B * 3 * dit_forward_flops(dit_cfg, tokens, L) + B * text_forward_flops(text_cfg, L)
     out = {
         "config": {"frames": F, "height": H, "width": W, "global_batch": B, "grad_accum": accum,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import FIXTURES, ROOT
+from tests.helpers import FIXTURES, ROOT, cli_env
 
 pytestmark = pytest.mark.xdist_group("cli_fuzz")
 
@@ -27,12 +27,7 @@ SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=N
 
 
 def _env():
-    e = dict(os.environ)
-    e["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", e.get("XLA_FLAGS", "")) + \
-        " --xla_force_host_platform_device_count=1"
-    e.setdefault("JAX_PLATFORMS", "cpu")
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+    return cli_env(devices=1)
 
 
 def _listing(d):

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, cli_env
 
 pytestmark = pytest.mark.xdist_group("reliability")
 
@@ -32,13 +32,7 @@ TINY = ["--config", "configs/toy.py:runlocal", "--config.stages=('vae',)",
 
 
 def _env():
-    """The test environment (persistent XLA cache from conftest) with one CPU device."""
-    e = dict(os.environ)
-    e["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", e.get("XLA_FLAGS", "")) + \
-        " --xla_force_host_platform_device_count=1"
-    e.setdefault("JAX_PLATFORMS", "cpu")
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+    return cli_env(devices=1)
 
 
 def _argv(workdir, data_dir, steps=STEPS, *extra):

@@ -1,7 +1,4 @@
 """Trainer: sharded steps equal the 1-device step; guarded numerics. (Exact resume: test_cli.py.)"""
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
