@@ -16,7 +16,6 @@ remat policies and ranks those that fit by per-chip memory and collective bytes.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
@@ -195,30 +194,20 @@ def _apply(config, args_mesh: dict | None, frames, height, width, batch, remat, 
             config.dit.overrides = dict(config.dit.get("overrides") or {}, remat=remat)
     if extra:
         config = config_lib.apply_overrides(config, list(extra))
+    with config.unlocked():
+        config.stages = ("dit",)  # the planner compiles the DiT stage's step
+        config.text.tokenizer = _tokenizer_path(config)
     return config
 
 
-def _tokenizer(config):
+def _tokenizer_path(config) -> str:
     """The run's tokenizer, or the repository's small UMT5 tokenizer: the planner only needs the
     empty prompt's ids (</s> then padding), which every UMT5/T5 tokenizer agrees on."""
-    from sorajax import tokenizer as tok_lib
-
     path = config.text.get("tokenizer") or ""
     if not path or not os.path.exists(path):
         path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "tests", "fixtures", "umt5_tiny", "tokenizer")
-    return tok_lib.Tokenizer.load(path)
-
-
-@contextlib.contextmanager
-def _tpu_trace():
-    from sorajax.models import attention
-
-    attention._AOT_PLATFORM.append("tpu")
-    try:
-        yield
-    finally:
-        attention._AOT_PLATFORM.pop()
+    return path
 
 
 def _memory(compiled) -> dict:
@@ -263,24 +252,20 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
     import jax.numpy as jnp
 
     from sorajax import sharding, train
+    from sorajax import tokenizer as tok_lib
     from sorajax.models import dit as dit_lib
 
     t0 = time.time()
+    train.validate(config)  # frames 1 + 4k, sizes vs stride x patch, ... (one line, exit 2)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
-    stage = train.DiTStage(config, "/nonexistent", _tokenizer(config))
+    train.validate_mesh(config, mesh)  # the batch over the data axes x grad_accum
+    stage = train.DiTStage(config, "/nonexistent", tok_lib.Tokenizer.load(config.text.tokenizer))
     trainer = train.Trainer(stage, config, mesh)
     vae_cfg, dit_cfg, text_cfg = stage.cfgs
     tcfg = config.train
     B, F, H, W = int(tcfg.batch_size), int(config.data.frames), int(config.data.height), int(config.data.width)
     st, ss = vae_cfg.temporal_stride, vae_cfg.spatial_stride
-    if (F - 1) % st or H % (ss * dit_cfg.patch_size[1]) or W % (ss * dit_cfg.patch_size[2]):
-        raise UserError(f"frames/height/width {F}/{H}/{W}: frames must be 1 + {st}k and sizes "
-                        f"multiples of {ss * dit_cfg.patch_size[1]}")
-    dp = sharding.data_parallel_size(mesh, trainer.rules)
     accum = int(tcfg.get("grad_accum", 1) or 1)
-    if B % (dp * accum):
-        raise UserError(f"train.batch_size={B} does not divide over {dp} data-parallel devices "
-                        f"x grad_accum {accum} of mesh {dict(mesh.shape)}")
     lat = (B, 1 + (F - 1) // st, H // ss, W // ss, vae_cfg.z_dim)
     L = int(config.text.max_length)
     rules = trainer.rules
@@ -290,8 +275,7 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
              "mask": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs(2))}
     state = trainer.abstract_target()
     tokens = dit_lib.num_tokens(dit_cfg, lat)
-    with _tpu_trace():
-        lowered = trainer.step_fn().lower(state, batch)
+    lowered = trainer.step_fn().lower(state, batch)
     t1 = time.time()
     try:
         compiled = lowered.compile()
@@ -366,8 +350,7 @@ def _plan_sampler(trainer, stage, mesh, lat, L, topo, dit_cfg, text_cfg):
             return x - 0.02 * (uncond + 5.0 * (cond - uncond))
 
     t0 = time.time()
-    with _tpu_trace():
-        lowered = jax.jit(step, donate_argnums=(2,)).lower(params, frozen, x, ctx, sig)
+    lowered = jax.jit(step, donate_argnums=(2,)).lower(params, frozen, x, ctx, sig)
     compiled = lowered.compile()
     mem = _memory(compiled)
     cost = compiled.cost_analysis() or {}

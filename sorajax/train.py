@@ -432,17 +432,7 @@ def run_stage(stage: Stage, config, mesh, *, transform=None, meta=None, init_fro
     trainer = Trainer(stage, config, mesh)
     ckpt = ckpt_lib.Checkpointer(os.path.join(stage.workdir, "checkpoints"),
                                  max_to_keep=config.train.get("keep_checkpoints", 3))
-    dp = sharding.data_parallel_size(mesh, trainer.rules)
-    if tcfg.batch_size % dp:
-        raise UserError(f"{stage.name} batch_size={tcfg.batch_size} does not divide over the "
-                        f"{dp} data-parallel devices of the mesh")
-    accum = int(tcfg.get("grad_accum", 1) or 1)
-    if accum < 1 or tcfg.batch_size % (dp * accum):
-        raise UserError(f"{stage.name} grad_accum={accum}: batch_size={tcfg.batch_size} must divide "
-                        f"into {accum} micro-batches over {dp} data-parallel devices")
-    nproc = jax.process_count()
-    if tcfg.batch_size % nproc:
-        raise UserError(f"{stage.name} batch_size={tcfg.batch_size} does not divide over {nproc} processes")
+    # Batch sizes were checked against the mesh and processes in validate_mesh (before compiling).
     source = world_source(config, "train")
     if hasattr(stage, "wrap_source"):
         source = stage.wrap_source(source, trainer, mesh)

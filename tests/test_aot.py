@@ -59,12 +59,16 @@ def test_compile_time_oom_is_read_as_a_planner_result():
 
 def test_aot_compile_cli_on_a_v5p_topology(tmp_path):
     """The real train step and sampler step of a pod preset's tiny variant, compiled for a v5p-16
-    slice (8 chips) with data x fsdp x context sharding and all-to-all attention."""
+    slice (8 chips) with data x fsdp x context sharding, all-to-all context parallelism around the
+    splash kernel, full remat and scanned layers."""
     out = tmp_path / "plan.json"
     r = run_cli(["scripts/aot_compile.py", "--config", "configs/pods/wan14b_v5p256.py:runlocal",
                  "--topology", "v5p-16", "--mesh", "data=2,fsdp=2,context=2,tensor=1",
-                 "--global-batch", "8", "--out", str(out)], timeout=900)
+                 "--global-batch", "8", "--out", str(out),
+                 "--config.dit.overrides={'context_parallel': 'all_to_all', 'scan_layers': True, "
+                 "'remat': 'full', 'attention': 'splash'}"], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "falling back" not in r.stderr  # the mesh's TPU devices select the Pallas splash kernel
     plan = json.loads(out.read_text())
     assert plan == json.loads(r.stdout)
     assert plan["topology"]["chips"] == 8 and plan["mesh"] == {"data": 2, "fsdp": 2, "context": 2, "tensor": 1}

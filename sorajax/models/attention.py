@@ -89,8 +89,8 @@ def _resolve(backend: str, dtype) -> str:
     """The backend that will really run on this platform/dtype (with a one-time warning)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
-    platform = jax.default_backend()
-    if backend == "splash" and platform != "tpu" and not _aot_tpu():
+    platform = _platform()
+    if backend == "splash" and platform != "tpu":
         _warn_once("splash", f"splash attention needs a TPU (running on {platform}); falling back to flash")
         return "flash"
     if backend == "cudnn" and (platform != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
@@ -101,12 +101,13 @@ def _resolve(backend: str, dtype) -> str:
     return backend
 
 
-# Set by the AOT planner while it traces for a TPU topology from a CPU host.
-_AOT_PLATFORM: list[str] = []
-
-
-def _aot_tpu() -> bool:
-    return bool(_AOT_PLATFORM) and _AOT_PLATFORM[-1] == "tpu"
+def _platform() -> str:
+    """The platform the traced program is for: the active mesh's devices (compile-only TPU
+    devices when the AOT planner traces on a CPU host), else JAX's default backend."""
+    mesh, _ = sharding.active()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
 
 
 def _local_fn(backend: str, scale):
