@@ -8,10 +8,9 @@ The model sizes come from the checkpoint's own config.json; the VAE and text enc
 (Wan ships its VAE latent statistics), the DiT trains with rectified flow; every weight starts
 from the checkpoint. Tiny variant for tests: the same with a converted tiny random pipeline.
 """
-import json
 import os
 
-import ml_collections
+from sorajax import config_lib
 
 
 def get_config(arg: str = ""):
@@ -21,19 +20,15 @@ def get_config(arg: str = ""):
     if not os.path.exists(path):
         raise ValueError(f"{arg}: no config.json (convert with scripts/convert_diffusers.py first)")
     with open(path) as f:
-        c = ml_collections.ConfigDict(json.load(f))
+        c = config_lib.from_json(f.read(), where=path)
     c.init_from = os.path.abspath(arg)
     c.stages = ("dit",)
-    c.data = ml_collections.ConfigDict(dict(
-        data_dir="data", frames=9, height=32, width=48, num_train=256, num_eval=16, seed=0,
-        min_objects=1, max_objects=2, occluder_prob=0.3, two_tone_prob=0.3))
+    c.data.update(frames=9, height=32, width=48, num_train=256, num_eval=16, min_objects=1,
+                  max_objects=2, occluder_prob=0.3, two_tone_prob=0.3)
     c.vae.precompute_latents = True
     c.vae.normalize_latents = False  # Wan's VAE ships latents_mean/std
     c.text.trainable = False
-    c.train = ml_collections.ConfigDict(dict(
-        steps=100, batch_size=8, lr=1e-5, warmup_steps=10, weight_decay=0.0, grad_clip=1.0, b1=0.9,
-        b2=0.999, ema_decay=0.99, text_dropout=0.1, log_every=10, ckpt_every=50, sample_at_end=False,
-        max_nonfinite_in_a_row=20, keep_checkpoints=2,
-        inject_nonfinite_steps=()))  # testing knob (docs/RELIABILITY.md): NaN grads at these steps
-    c.vae_train = ml_collections.ConfigDict(dict(steps=0))
+    c.dit_train.update(steps=100, batch_size=8, lr=1e-5, warmup_steps=10, weight_decay=0.0, b2=0.999,
+                       ema_decay=0.99, log_every=10, ckpt_every=50, sample_at_end=False,
+                       keep_checkpoints=2)
     return c

@@ -26,7 +26,7 @@ def parse_args(argv):
     p.add_argument("--topology", required=True,
                    help="TPU slice: v5p-N / v4-N (N TensorCores) or v5e-N / v6e-N (N chips), e.g. v5p-256")
     p.add_argument("--num-slices", type=int, default=1, help="multi-slice: slices joined over DCN (default 1)")
-    p.add_argument("--global-batch", type=int, default=None, help="train.batch_size (default: the config's)")
+    p.add_argument("--global-batch", type=int, default=None, help="dit_train.batch_size (default: the config's)")
     p.add_argument("--frames", type=int, default=None, help="pixel frames per clip (1 + 4k)")
     p.add_argument("--height", type=int, default=None, help="pixel height")
     p.add_argument("--width", type=int, default=None, help="pixel width")

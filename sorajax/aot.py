@@ -24,7 +24,12 @@ import re
 import sys
 import time
 
+from sorajax import config_lib
 from sorajax.errors import UserError
+
+# JAX and everything that imports it are imported inside the functions below, on purpose: the
+# planner must put libtpu on the import path (ensure_libtpu) before JAX looks for backends, and
+# `scripts/aot_compile.py --help` and the topology parser should not pay for importing JAX.
 
 # ----------------------------------------------------------------------------------------------
 # TPU topologies
@@ -176,8 +181,6 @@ def collective_stats(hlo_text: str) -> dict:
 # Planning one configuration
 # ----------------------------------------------------------------------------------------------
 def _apply(config, args_mesh: dict | None, frames, height, width, batch, remat, extra):
-    from sorajax import config_lib
-
     with config.unlocked():
         if frames:
             config.data.frames = int(frames)
@@ -186,12 +189,12 @@ def _apply(config, args_mesh: dict | None, frames, height, width, batch, remat, 
         if width:
             config.data.width = int(width)
         if batch:
-            config.train.batch_size = int(batch)
+            config.dit_train.batch_size = int(batch)
         if args_mesh:
             for k, v in args_mesh.items():
                 config.mesh[k] = int(v)
         if remat:
-            config.dit.overrides = dict(config.dit.get("overrides") or {}, remat=remat)
+            config.dit.overrides = dict(config.dit.overrides, remat=remat)
     if extra:
         config = config_lib.apply_overrides(config, list(extra))
     with config.unlocked():
@@ -203,7 +206,7 @@ def _apply(config, args_mesh: dict | None, frames, height, width, batch, remat, 
 def _tokenizer_path(config) -> str:
     """The run's tokenizer, or the repository's small UMT5 tokenizer: the planner only needs the
     empty prompt's ids (</s> then padding), which every UMT5/T5 tokenizer agrees on."""
-    path = config.text.get("tokenizer") or ""
+    path = config.text.tokenizer
     if not path or not os.path.exists(path):
         path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "tests", "fixtures", "umt5_tiny", "tokenizer")
@@ -237,7 +240,7 @@ def _oom_bytes(msg: str):
 def _oom_report(config, topo, mesh, temp_bytes, compile_s, msg):  # temp_bytes: what XLA asked for
     """XLA's compile-time out-of-memory answer as a planner result (fits: false)."""
     return {"config": {"frames": int(config.data.frames), "height": int(config.data.height),
-                       "width": int(config.data.width), "global_batch": int(config.train.batch_size)},
+                       "width": int(config.data.width), "global_batch": int(config.dit_train.batch_size)},
             "topology": {"name": topo.name, "num_slices": topo.num_slices, "chips": mesh.devices.size,
                          "hbm_bytes_per_chip": topo.hbm_bytes},
             "mesh": {k: int(v) for k, v in mesh.shape.items()},
@@ -251,21 +254,22 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
     import jax
     import jax.numpy as jnp
 
-    from sorajax import sharding, train
+    from sorajax import sharding, stages, validate
     from sorajax import tokenizer as tok_lib
+    from sorajax.train_state import Trainer
     from sorajax.models import dit as dit_lib
 
     t0 = time.time()
-    train.validate(config)  # frames 1 + 4k, sizes vs stride x patch, ... (one line, exit 2)
+    validate.validate(config)  # frames 1 + 4k, sizes vs stride x patch, ... (one line, exit 2)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
-    train.validate_mesh(config, mesh)  # the batch over the data axes x grad_accum
-    stage = train.DiTStage(config, "/nonexistent", tok_lib.Tokenizer.load(config.text.tokenizer))
-    trainer = train.Trainer(stage, config, mesh)
+    validate.validate_mesh(config, mesh)  # the batch over the data axes x grad_accum
+    stage = stages.DiTStage(config, "/nonexistent", tok_lib.Tokenizer.load(config.text.tokenizer))
+    trainer = Trainer(stage, config, mesh)
     vae_cfg, dit_cfg, text_cfg = stage.cfgs
-    tcfg = config.train
+    tcfg = config.dit_train
     B, F, H, W = int(tcfg.batch_size), int(config.data.frames), int(config.data.height), int(config.data.width)
     st, ss = vae_cfg.temporal_stride, vae_cfg.spatial_stride
-    accum = int(tcfg.get("grad_accum", 1) or 1)
+    accum = int(tcfg.grad_accum)
     lat = (B, 1 + (F - 1) // st, H // ss, W // ss, vae_cfg.z_dim)
     L = int(config.text.max_length)
     rules = trainer.rules
@@ -383,14 +387,13 @@ def candidate_meshes(chips: int, batch: int, heads: int, tokens: int, max_contex
 
 
 def search(config, devices, topo, *, remats=("full", "dots"), max_candidates=6, log=print):
-    from sorajax.models import video
-
     import copy
 
     from sorajax.models import dit as dit_lib
+    from sorajax.models import video
 
     vae_cfg, dit_cfg, _ = video.model_configs(config)
-    B, st, ss = int(config.train.batch_size), vae_cfg.temporal_stride, vae_cfg.spatial_stride
+    B, st, ss = int(config.dit_train.batch_size), vae_cfg.temporal_stride, vae_cfg.spatial_stride
     lat = (1 + (int(config.data.frames) - 1) // st, int(config.data.height) // ss, int(config.data.width) // ss)
     lat_tokens = dit_lib.num_tokens(dit_cfg, lat)
     per_slice = len(devices) // topo.num_slices
@@ -405,7 +408,7 @@ def search(config, devices, topo, *, remats=("full", "dots"), max_candidates=6, 
                 cfg.mesh.dcn_data = topo.num_slices
             # all-to-all needs the heads to split over tensor x context; otherwise ring.
             cp = "all_to_all" if dit_cfg.num_attention_heads % (mesh_kw["context"] * mesh_kw["tensor"]) == 0 else "ring"
-            cfg.dit.overrides = dict(cfg.dit.get("overrides") or {}, remat=remat, context_parallel=cp)
+            cfg.dit.overrides = dict(cfg.dit.overrides, remat=remat, context_parallel=cp)
         log(f"[search] mesh {mesh_kw} remat={remat} context_parallel={cp} ...")
         try:
             r = plan(cfg, devices, topo, sampler=False, log=log)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -19,6 +20,15 @@ log = logging.getLogger(__name__)
 
 
 JSON_ITEMS = ("data", "meta")
+
+
+def list_steps(directory: str) -> list[int]:
+    """Finalized checkpoint steps in `directory` (step folders are digits only; an unfinished
+    save lives under a temporary name and a damaged one moved aside as STEP.unreadable), oldest
+    first. Reads the folder names only: no Orbax manager is opened."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(x) for x in os.listdir(directory) if x.isdigit())
 
 
 class Checkpointer:
@@ -56,9 +66,12 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         return {name: out[name] for name in abstract}
 
-    def restore_latest_good(self, abstract: dict):
+    def restore_latest_good(self, abstract: dict, *, optional: tuple[str, ...] = (),
+                            move_aside: bool = True):
         """Restores the newest checkpoint that reads back; names and skips unreadable ones.
-        Returns (step, items), or None when there is no checkpoint at all.
+        Returns (step, items), or None when there is no checkpoint at all. Items named in
+        `optional` are restored only from steps that have them (e.g. "ema" of a converted
+        checkpoint, which has none). The trainer and the sampler both restore through here.
 
         Skipped (newer) steps are moved aside to STEP.unreadable once an older one restored:
         left in place, the run could not save that step again (Orbax refuses an existing or
@@ -67,17 +80,20 @@ class Checkpointer:
         corrupt, and starting over from scratch would silently lose the run."""
         bad = []
         for step in reversed(self.all_steps()):
+            step_dir = os.path.join(self.directory, str(step))
+            want = {k: v for k, v in abstract.items()
+                    if k not in optional or os.path.isdir(os.path.join(step_dir, k))}
             try:
-                items = self.restore(step, abstract)
+                items = self.restore(step, want)
             except Exception as e:  # truncated/corrupt files: fall back to an older step
                 first = str(e).splitlines()[0][:200] if str(e) else ""
                 bad.append((step, f"{type(e).__name__}: {first}"))
                 msg = (f"checkpoint {os.path.join(self.directory, str(step))} is unreadable "
                        f"({bad[-1][1]}); skipping it")
                 log.warning(msg)
-                print(f"warning: {msg}", flush=True)
+                print(f"warning: {msg}", file=sys.stderr, flush=True)
                 continue
-            if bad:
+            if bad and move_aside:
                 self._move_aside([s for s, _ in bad])
             return step, items
         if bad:

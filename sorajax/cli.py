@@ -1,16 +1,28 @@
 """Shared command-line plumbing: bad input -> one line on stderr, exit code 2, no traceback."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+import tempfile
 
-from sorajax.errors import UserError
+from sorajax.errors import RunFailed, UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the command contract's bad-input answer: one `error:` line, exit 2."""
+
+    def error(self, message):
+        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def run(fn, argv=None) -> int:
-    """Calls fn(argv); maps UserError to `error: ...` + exit 2 and Ctrl-C to exit 130."""
-    logging.basicConfig(level=os.environ.get("SORAJAX_LOGLEVEL", "WARNING"),
+    """Calls fn(argv); maps UserError to `error: ...` + exit 2, RunFailed to exit 1 and Ctrl-C to
+    exit 130."""
+    level = os.environ.get("SORAJAX_LOGLEVEL", "WARNING")
+    logging.basicConfig(level=level,
                         format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -19,18 +31,12 @@ def run(fn, argv=None) -> int:
         msg = " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr, flush=True)
         return 2
-    except FloatingPointError as e:  # training stopped on repeated non-finite steps
+    except RunFailed as e:  # e.g. training stopped on repeated non-finite steps
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130
-
-
-def atomic_target(path: str) -> str:
-    """A temporary sibling name for `path`; write there, then os.replace(tmp, path)."""
-    d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.tmp{os.getpid()}")
 
 
 def check_writable_output(path: str, exts: tuple[str, ...], flag: str) -> None:
@@ -52,8 +58,6 @@ def probe_writable_dir(d: str, what: str) -> None:
     """Creates and removes a temporary file in `d`: os.access says yes to root on read-only
     or pseudo file systems (/proc, a read-only mount) where creating the output would fail
     only after all the work is done."""
-    import tempfile
-
     try:
         fd, tmp = tempfile.mkstemp(prefix=".sorajax-probe-", dir=d)
     except OSError as e:

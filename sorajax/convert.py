@@ -18,8 +18,16 @@ import shutil
 import ml_collections
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
 
+from sorajax import checkpoint as ckpt_lib
+from sorajax import cli, config_base, config_lib
+from sorajax import tokenizer as tok_lib
 from sorajax.errors import UserError
+from sorajax.models import dit as dit_lib
+from sorajax.models import text as text_lib
+from sorajax.models import vae as vae_lib
+from sorajax.models import video
 
 COMPONENTS = ("vae", "transformer", "text_encoder", "tokenizer", "scheduler")
 
@@ -29,8 +37,6 @@ class SafetensorsReader:
     np.ndarray, read lazily one tensor at a time (no torch)."""
 
     def __init__(self, folder: str):
-        from safetensors import safe_open
-
         files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
         if not files:
             raise UserError(f"{folder}: no .safetensors weights (only safetensors are supported)")
@@ -79,10 +85,6 @@ def _plain(cfg) -> dict:
 def run_config(src: str, *, frames: int = 81, height: int = 480, width: int = 832,
                max_length: int = 512) -> ml_collections.ConfigDict:
     """The sorajax run config for a diffusers Wan folder (models from its config.json files)."""
-    from sorajax.models import dit as dit_lib
-    from sorajax.models import text as text_lib
-    from sorajax.models import vae as vae_lib
-
     try:
         vae_cfg = vae_lib.config_from_diffusers(_read_json(os.path.join(src, "vae", "config.json")))
         dit_cfg = dit_lib.config_from_diffusers(_read_json(os.path.join(src, "transformer", "config.json")))
@@ -92,33 +94,27 @@ def run_config(src: str, *, frames: int = 81, height: int = 480, width: int = 83
     sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
     sched = _read_json(sched_path) if os.path.exists(sched_path) else {}
     shift = float(sched.get("flow_shift", sched.get("shift", 3.0)) or 3.0)
-    # Euler is the default even for folders that ship UniPC: it is the solver checked against the
-    # reference end to end; sorajax's "unipc" is UniPC-style, not matched to diffusers' scheduler.
-    solver = "euler"
+    # The folder's own scheduler: "unipc" reproduces diffusers' UniPCMultistepScheduler (bh2,
+    # order 2, flow sigmas) step by step (tests/test_solvers.py); anything else samples with Euler,
+    # which is FlowMatchEulerDiscreteScheduler's update.
+    solver = "unipc" if sched.get("_class_name") == "UniPCMultistepScheduler" else "euler"
 
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = config_base.get_config()
     c.stages = ("dit",)
-    c.source = ml_collections.ConfigDict(dict(diffusers=os.path.abspath(src), scheduler=sched.get("_class_name", "")))
-    c.data = ml_collections.ConfigDict(dict(frames=frames, height=height, width=width))
-    c.vae = ml_collections.ConfigDict(dict(variant="wan2.1", overrides=_plain(vae_cfg)))
-    c.dit = ml_collections.ConfigDict(dict(variant="wan2.1-1.3b", overrides=_plain(dit_cfg)))
-    c.text = ml_collections.ConfigDict(dict(variant="umt5-xxl", overrides=_plain(text_cfg), max_length=max_length,
-                                            trainable=False, vocab_from_tokenizer=False, tokenizer=""))
-    c.flow = ml_collections.ConfigDict(dict(logit_mean=0.0, logit_std=1.0, shift=shift))
-    c.sample = ml_collections.ConfigDict(dict(steps=50, guidance=5.0, shift=shift, solver=solver, negative_prompt=""))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1,
-                                            dcn_data=1, dcn_fsdp=1, dcn_context=1, dcn_tensor=1))
-    c.sharding_rules = None
+    c.source.update(diffusers=os.path.abspath(src), scheduler=sched.get("_class_name", ""))
+    c.data.update(frames=frames, height=height, width=width)
+    c.vae.update(variant="wan2.1", overrides=_plain(vae_cfg), precompute_latents=False,
+                 normalize_latents=False)
+    c.dit.update(variant="wan2.1-1.3b", overrides=_plain(dit_cfg))
+    c.text.update(variant="umt5-xxl", overrides=_plain(text_cfg), max_length=max_length,
+                  trainable=False, vocab_from_tokenizer=False, tokenizer="", vocab_size=0)
+    c.flow.shift = shift
+    c.sample.update(steps=50, guidance=5.0, shift=shift, solver=solver)
     return c
 
 
 def load_weights(model, src: str) -> None:
     """Streams the diffusers/transformers tensors of `src` into `model` (a VideoModel)."""
-    from sorajax.models import dit as dit_lib
-    from sorajax.models import text as text_lib
-    from sorajax.models import vae as vae_lib
-
     vae_lib.load_diffusers(model.vae, SafetensorsReader(os.path.join(src, "vae")))
     dit_lib.load_diffusers(model.dit, SafetensorsReader(os.path.join(src, "transformer")))
     text_lib.load_transformers(model.text, SafetensorsReader(os.path.join(src, "text_encoder")),
@@ -127,10 +123,6 @@ def load_weights(model, src: str) -> None:
 
 def convert(src: str, dst: str, *, frames: int = 81, height: int = 480, width: int = 832,
             max_length: int = 512, overwrite: bool = False) -> str:
-    from sorajax import checkpoint as ckpt_lib
-    from sorajax import config_lib
-    from sorajax.models import video
-
     if not os.path.isdir(src):
         raise UserError(f"--src {src!r}: no such directory")
     for comp in ("vae", "transformer", "text_encoder", "tokenizer"):
@@ -142,11 +134,9 @@ def convert(src: str, dst: str, *, frames: int = 81, height: int = 480, width: i
     parent = os.path.dirname(dst)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise UserError(f"--dst {dst!r}: parent directory is missing or not writable")
-    from sorajax.cli import probe_writable_dir
 
-    probe_writable_dir(parent, f"--dst {dst!r}")  # before the conversion, not after
+    cli.probe_writable_dir(parent, f"--dst {dst!r}")  # before the conversion, not after
 
-    from sorajax import tokenizer as tok_lib
 
     try:
         tok_lib.Tokenizer.load(os.path.join(src, "tokenizer"))

@@ -4,17 +4,18 @@ from __future__ import annotations
 import os
 import time
 
+from sorajax import config_lib, evaluate, fileio, inference, train, video_io
+from sorajax.data import world as world_lib
+
 
 def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> int:
-    from sorajax import config_lib, evaluate, sample, train, video_io
-
     t0 = time.time()
     config = config_lib.apply_overrides(config_lib.load_config(config_spec), list(overrides))
     train.train_and_evaluate(config, workdir)
     t_train = time.time() - t0
 
-    pipe = sample.load_pipeline(workdir=workdir)
-    prompts = [p.caption for p in evaluate.EVAL_PROMPTS]
+    pipe = inference.load_pipeline(workdir=workdir)
+    prompts = [p.caption for p in world_lib.EVAL_PROMPTS]
     out = pipe.generate(prompts, seed=0)
     os.makedirs(samples_dir, exist_ok=True)
     paths = []
@@ -25,7 +26,8 @@ def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> 
         paths.append(video_io.write(os.path.join(samples_dir, f"prompt{i:02d}.mp4"), out["frames"][i:i + 1]))
 
     report_path = os.path.join(workdir, "eval.json")
-    report = evaluate.run_benchmark(out=report_path, workdir=workdir)
+    report = evaluate.run_benchmark(evaluate.model_generate(pipe), info={"workdir": workdir})
+    fileio.write_json(report_path, report)
     m = report["metrics"]
     print("")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min (training {t_train / 60:.1f} min)")

@@ -20,3 +20,8 @@ class WeightsMismatch(UserError):
         if self.shape_mismatch:
             parts.append(f"shape mismatches {self.shape_mismatch[:20]}")
         super().__init__(f"{what}: " + "; ".join(parts))
+
+
+class RunFailed(Exception):
+    """A run that cannot finish as asked (repeated non-finite steps, end-of-training sampling
+    that failed): one line, exit code 1. Its checkpoints are kept."""

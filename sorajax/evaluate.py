@@ -23,76 +23,23 @@ The report's "metrics" are floats in [0, 1]; "videos" has per-clip details.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import sys
-import tempfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from sorajax import cli, fileio, inference
+from sorajax.data import world as world_lib
 from sorajax.errors import UserError
 
-from sorajax.data import world as world_lib
-
+# Thresholds
 # ----------------------------------------------------------------------------------------------
-# Evaluation prompts
-# ----------------------------------------------------------------------------------------------
-
-_EVAL_MOTIONS = ("right", "left", "up", "down", "up-right", "down-left", "up-left", "down-right")
 STILL_THRESHOLD = 0.1  # displacement / frame size below which a clip counts as still
 MOVE_THRESHOLD = 0.1  # displacement / frame size a moving prompt must at least reach
 COS_THRESHOLD = 0.8
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalPrompt:
-    caption: str
-    spec: dict[str, Any]
-    seed: int
-
-
-def _make_eval_prompts() -> list[EvalPrompt]:
-    """26 prompts: 3 rounds over the 8 colours, each colour with 3 different directions (all 8
-    directions, all shapes x sizes appear), plus 2 still objects. Plain black background, no
-    occluder."""
-    colors = list(world_lib.COLORS)
-    sizes = list(world_lib.SIZES)
-    specs = []
-    for k in range(3):
-        for i, color in enumerate(colors):
-            specs.append({"shape": world_lib.SHAPES[(i + k) % 3], "color": color,
-                          "size": sizes[(i + k) % 2],
-                          "motion": _EVAL_MOTIONS[(i + 3 * k) % len(_EVAL_MOTIONS)]})
-    specs.append({"shape": "circle", "color": "yellow", "size": "large", "motion": "still"})
-    specs.append({"shape": "triangle", "color": "blue", "size": "small", "motion": "still"})
-    prompts = []
-    for j, obj in enumerate(specs):
-        spec = {"objects": [obj], "background": ["black"], "occluder": False}
-        prompts.append(EvalPrompt(world_lib.caption_from_meta(spec), spec, 1000 + j))
-    return prompts
-
-
-EVAL_PROMPTS: list[EvalPrompt] = _make_eval_prompts()
-
-
-def render_prompt(prompt: EvalPrompt, cfg: world_lib.WorldConfig | None = None,
-                  seed_offset: int = 0) -> dict[str, Any]:
-    """Ground-truth clip for an eval prompt at cfg's size. The speed is capped so the straight
-    path fits in the frame (no bounce at any clip length)."""
-    cfg = cfg or world_lib.WorldConfig()
-    seed = prompt.seed + seed_offset
-    obj = dict(prompt.spec["objects"][0])
-    if obj["motion"] != "still":
-        rng = np.random.default_rng(seed)
-        r = world_lib.SIZES[obj["size"]] * cfg.scale
-        room = (cfg.scale - 2 * r - 3) * 0.95
-        speed = rng.uniform(*cfg.speed_range) * cfg.scale
-        obj["speed"] = float(min(speed, room / max(cfg.frames - 1, 1)))
-    spec = dict(prompt.spec, objects=[obj])
-    return world_lib.render_from_spec(spec, seed, dataclasses.replace(cfg, avoid_bounce=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,111 +192,79 @@ def score_clips(clips: Sequence, specs: Sequence[dict[str, Any]]) -> dict[str, A
 # Benchmark runner and CLI
 # ----------------------------------------------------------------------------------------------
 
-class UsageError(UserError):
-    """Bad command-line input: reported as one `error:` line, exit code 2."""
+# generate(captions, seed) -> frames (N, T, H, W, 3) in [0, 1]: the model under test, as a
+# function (the benchmark never loads a model itself; the CLI builds this from a workdir).
+Generate = Callable[[Sequence[str], int], np.ndarray]
 
 
-def _check_out(out: str) -> str:
-    if not out.endswith(".json"):
-        raise UsageError(f"--out must end with .json, got {out!r}")
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    if not os.path.isdir(parent):
-        raise UsageError(f"--out directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--out directory is not writable: {parent}")
-    from sorajax.cli import probe_writable_dir
+def ground_truth_generate(cfg: world_lib.WorldConfig) -> Generate:
+    """A `Generate` that renders each prompt's ground truth (the analyzer's self-check)."""
+    by_caption = {p.caption: p for p in world_lib.EVAL_PROMPTS}
 
-    probe_writable_dir(parent, f"--out {out!r}")  # before sampling, not after
-    if os.path.isdir(out):
-        raise UsageError(f"--out is a directory: {out}")
-    return out
+    def generate(captions, seed):
+        return np.stack([world_lib.render_prompt(by_caption[c], cfg, seed)["frames"]
+                         for c in captions]).astype(np.float32) / 255.0
+    return generate
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=parent)
-    except OSError as e:  # e.g. a read-only or pseudo file system that os.access calls writable
-        raise UsageError(f"--out {path!r}: cannot create files in {parent!r} ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def model_generate(pipe, *, steps=None, guidance=None, frames=None, height=None,
+                   width=None) -> Generate:
+    """A `Generate` over a sampling `inference.Pipeline` (its defaults unless given)."""
+    size = {k: v for k, v in (("frames", frames), ("height", height), ("width", width)) if v is not None}
+
+    def generate(captions, seed):
+        out = pipe.generate(list(captions), seed=seed, steps=steps, guidance=guidance, **size)
+        return np.asarray(out["frames"], np.float32)
+    return generate
 
 
-def run_benchmark(*, out: str, workdir: str | None = None, ground_truth: bool = False,
-                  seed: int = 0, steps: int | None = None, guidance: float | None = None,
-                  frames: int | None = None, height: int | None = None,
-                  width: int | None = None, batch_size: int = 13) -> dict[str, Any]:
-    """Samples (or, with ground_truth, renders) EVAL_PROMPTS, scores them, writes `out`."""
-    _check_out(out)
-    prompts = EVAL_PROMPTS
-    info: dict[str, Any] = {"seed": seed}
-    if ground_truth:
-        cfg = world_lib.WorldConfig(frames=frames or 9, height=height or 32, width=width or 32)
-        clips = [render_prompt(p, cfg, seed)["frames"] for p in prompts]
-        seeds = [p.seed + seed for p in prompts]
-        info.update(source="ground_truth", frames=cfg.frames, height=cfg.height, width=cfg.width)
-    else:
-        if not workdir:
-            raise UsageError("--workdir is required (or pass --ground-truth)")
-        if not os.path.isdir(workdir):
-            raise UsageError(f"--workdir does not exist: {workdir}")
-        try:
-            from sorajax.sample import load_pipeline
-        except ImportError as e:
-            raise UsageError(f"cannot import the sampler (sorajax.sample): {e}") from e
-        try:
-            pipe = load_pipeline(workdir=workdir)
-        except FileNotFoundError as e:
-            raise UsageError(f"cannot load a model from {workdir}: {e}") from e
-        defaults = dict(pipe.defaults)
-        steps = steps if steps is not None else defaults.get("steps")
-        guidance = guidance if guidance is not None else defaults.get("guidance")
-        size_kw = {k: v for k, v in (("frames", frames), ("height", height), ("width", width))
-                   if v is not None}
-        from tqdm import tqdm
-        clips, seeds = [], []
-        for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch",
-                          file=sys.stderr):
-            chunk = prompts[start:start + batch_size]
-            s = seed + start
-            res = pipe.generate([p.caption for p in chunk], seed=s, steps=steps,
-                                guidance=guidance, **size_kw)
-            clips.extend(np.asarray(res["frames"], np.float32))
-            seeds.extend([s] * len(chunk))
-        info.update(source="model", workdir=os.path.abspath(workdir), steps=steps,
-                    guidance=guidance, frames=int(clips[0].shape[0]),
-                    height=int(clips[0].shape[1]), width=int(clips[0].shape[2]))
+def run_benchmark(generate: Generate, *, seed: int = 0, batch_size: int = 13,
+                  info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Generates EVAL_PROMPTS in batches (batch i uses seed + its first prompt's index) and
+    scores them -> {"metrics", "videos", "info"}."""
+    prompts = world_lib.EVAL_PROMPTS
+    clips, seeds = [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch",
+                      file=sys.stderr):
+        chunk = prompts[start:start + batch_size]
+        s = seed + start
+        clips.extend(np.asarray(generate([p.caption for p in chunk], s), np.float32))
+        seeds.extend([s] * len(chunk))
     report = score_clips(clips, [p.spec for p in prompts])
     for v, p, s in zip(report["videos"], prompts, seeds):
         v.update(prompt=p.caption, seed=int(s), passed=bool(v["color_ok"] and v["direction_ok"]))
-    report["info"] = info
-    write_json_atomic(out, report)
+    t, h, w = clips[0].shape[:3]
+    report["info"] = dict(info or {}, seed=seed, frames=int(t), height=int(h), width=int(w))
     return report
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (the command contract)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+def evaluate_workdir(workdir: str, out: str, **kw) -> dict[str, Any]:
+    """Samples the benchmark from a trained run (its EMA weights) and writes the report."""
+    cli.check_writable_output(out, (".json",), "--out")
+    gen_kw = {k: kw.pop(k) for k in ("steps", "guidance", "frames", "height", "width") if k in kw}
+    pipe = inference.load_pipeline(workdir=workdir)
+    d = pipe.defaults
+    info = dict(source="model", workdir=os.path.abspath(workdir),
+                steps=gen_kw.get("steps") or d["steps"],
+                guidance=d["guidance"] if gen_kw.get("guidance") is None else gen_kw["guidance"])
+    report = run_benchmark(model_generate(pipe, **gen_kw), info=info, **kw)
+    fileio.write_json(out, report)
+    return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="python -m sorajax.evaluate",
-                description="World benchmark: samples the fixed evaluation prompts from a trained "
-                            "model (or renders them with --ground-truth), measures colour and "
-                            "direction adherence from the frames, writes a JSON report with "
-                            "'metrics' (floats in [0, 1]) and per-video details.")
-    p.add_argument("--workdir", help="training workdir of the model to sample from")
+def parse_args(argv):
+    p = cli.Parser(
+        prog="python -m sorajax.evaluate",
+        description="World benchmark: samples the fixed evaluation prompts from a trained "
+                    "model (or renders them with --ground-truth), measures colour and "
+                    "direction adherence from the frames, writes a JSON report with "
+                    "'metrics' (floats in [0, 1]) and per-video details.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training workdir of the model to sample from")
+    src.add_argument("--ground-truth", action="store_true",
+                     help="score clips rendered by the world generator instead of a model "
+                          "(analyzer self-check; should score ~1.0)")
     p.add_argument("--out", required=True, help="report path, must end with .json")
-    p.add_argument("--ground-truth", action="store_true",
-                   help="score clips rendered by the world generator instead of a model "
-                        "(analyzer self-check; should score ~1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (offsets render seeds)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (model default)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (model default)")
@@ -358,23 +273,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=None, help="width (default 32 / model's)")
     p.add_argument("--batch-size", type=int, default=13,
                    help="prompts per sampler call (26 prompts: 13 = two calls of one compiled shape)")
-    a = p.parse_args(argv)
-    try:
-        for name in ("frames", "height", "width", "steps", "batch_size"):
-            val = getattr(a, name)
-            if val is not None and val < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {val}")
-        if a.height is not None and a.height < 8 or a.width is not None and a.width < 8:
-            raise UsageError("--height and --width must be >= 8")
-        report = run_benchmark(out=a.out, workdir=a.workdir, ground_truth=a.ground_truth,
-                               seed=a.seed, steps=a.steps, guidance=a.guidance, frames=a.frames,
-                               height=a.height, width=a.width, batch_size=a.batch_size)
-    except UserError as e:  # UsageError included
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+    return p.parse_args(argv)
+
+
+def _main(argv) -> int:
+    a = parse_args(argv)
+    for name in ("frames", "height", "width", "steps", "batch_size"):
+        val = getattr(a, name)
+        if val is not None and val < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {val}")
+    if a.height is not None and a.height < 8 or a.width is not None and a.width < 8:
+        raise UserError("--height and --width must be >= 8")
+    if a.ground_truth:
+        cli.check_writable_output(a.out, (".json",), "--out")
+        cfg = world_lib.WorldConfig(frames=a.frames or 9, height=a.height or 32, width=a.width or 32)
+        report = run_benchmark(ground_truth_generate(cfg), seed=a.seed, batch_size=a.batch_size,
+                               info={"source": "ground_truth"})
+        fileio.write_json(a.out, report)
+    else:
+        if not os.path.isdir(a.workdir):
+            raise UserError(f"--workdir does not exist: {a.workdir}")
+        report = evaluate_workdir(a.workdir, a.out, seed=a.seed, batch_size=a.batch_size,
+                                  steps=a.steps, guidance=a.guidance, frames=a.frames,
+                                  height=a.height, width=a.width)
     print(json.dumps(report["metrics"], indent=1))
     print(f"wrote {a.out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

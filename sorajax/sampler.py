@@ -2,8 +2,9 @@
 
 No host round-trips per step: the noise levels are an array argument and the loop is a
 lax.fori_loop, so one compile serves every seed, prompt, guidance scale and shift of a shape.
-Solvers: euler (first order), heun (second order, two model calls per step), unipc (UniPC-style
-multistep predictor-corrector, one model call per step).
+Solvers: euler (first order; diffusers' FlowMatchEulerDiscreteScheduler), heun (second order, two
+model calls per step), unipc (UniPC bh2 order-2 multistep predictor-corrector, one model call per
+step; diffusers' UniPCMultistepScheduler as Wan 2.1 configures it, with its own noise levels).
 """
 from __future__ import annotations
 
@@ -54,53 +55,128 @@ def _heun(vel, x, sigmas):
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, x)
 
 
-def _unipc(vel, x, sigmas):
-    """UniPC-style multistep (bh2, order 2) in the data-prediction form for flow matching.
+def _unipc_bh2_coeffs(lam_t, lam_s0, lam_s1):
+    """UniPC B(h) coefficients (bh2, data prediction, order <= 2) for a step from lambda_s0 to
+    lambda_t, with lambda_s1 the point before s0 (used by second-order terms).
 
-    The model's velocity gives x0 = x - sigma * v. In the log-SNR variable
-    lambda = log((1 - sigma) / sigma), the exact solution of the probability-flow ODE is
-    x_next = (sigma_next / sigma) x - alpha_next (e^{-h} - 1) x0-integral; the predictor uses the
-    previous x0 (order 2), and the corrector reuses the fresh model call of the next step to
-    refine the state (UniC), so the cost stays one model call per step.
+    As in diffusers: hh = -h, h*phi_1 = e^hh - 1, B(h) = e^hh - 1, b_k = k! h*phi_{k+1} / B(h),
+    r = (lambda_s1 - lambda_s0) / h. Returns (h_phi_1, B_h, r, rho_c0, rho_c1) where (rho_c0,
+    rho_c1) solve [[1, 1], [r, 1]] rho = (b_1, b_2) (the order-2 corrector). Finite also for
+    lambda = +-inf (sigma 0 or 1): then h_phi_1 = B_h = -1 and the second-order terms vanish."""
+    h = lam_t - lam_s0
+    hh = -h
+    h_phi_1 = jnp.expm1(hh)
+    b_h = h_phi_1  # bh2
+    h_phi_k1 = h_phi_1 / hh - 1.0
+    h_phi_k2 = h_phi_k1 / hh - 0.5
+    b1 = h_phi_k1 / b_h
+    b2 = h_phi_k2 * 2.0 / b_h
+    r = (lam_s1 - lam_s0) / h
+    rho_c0 = (b1 - b2) / (1.0 - r)
+    rho_c1 = b1 - rho_c0
+    return h_phi_1, b_h, r, rho_c0, rho_c1
+
+
+def _unipc(vel, x, sigmas):
+    """UniPC multistep (Zhao et al. 2023): order-2 UniP predictor + UniC corrector, B(h) = bh2,
+    data (x0) prediction, for flow matching -- diffusers' UniPCMultistepScheduler(
+    prediction_type="flow_prediction", use_flow_sigmas=True, solver_order=2, solver_type="bh2",
+    predict_x0=True, lower_order_final=True, disable_corrector=[]), as Wan 2.1 samples.
+
+    Flow sigmas: alpha = 1 - sigma, lambda = log(alpha) - log(sigma) (+inf at sigma = 0); the
+    model's x0 = x - sigma v. Step i (0-based, n steps), with m_i the x0 at the predicted x_i:
+      corrector (i >= 1; order of step i-1): x_i <- UniC(x_{i-1} (corrected), m_{i-1}, m_i[, m_{i-2}])
+      predictor, order p_i = min(2, n - i, i + 1) (first and last steps first order):
+        x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} (e^{-h}-1) m_i
+                  - alpha_{i+1} B(h) 0.5 (m_{i-1} - m_i) / r          (second order only)
+    The model output at the predicted (uncorrected) x_i is reused by the corrector, so the cost
+    is one model call per step; no corrector follows the last step, whose output (sigma = 0) is
+    m_{n-1}. Everything stays on device: coefficients are array ops in sigmas' dtype, the
+    lower-order steps are selected with jnp.where (the unselected branch may hold inf/NaN on
+    the first/last step and is discarded).
     """
     n = sigmas.shape[0] - 1
-    eps = 1e-6
+    alphas = 1.0 - sigmas
+    lams = jnp.log(alphas) - jnp.log(sigmas)  # +inf at sigma = 0, -inf at sigma = 1
+    dtype = x.dtype
 
-    def lam(s):
-        s = jnp.clip(s, eps, 1 - eps)
-        return jnp.log((1 - s) / s)
-
-    def x0_of(x, s):
-        return x - s * vel(x, s)
+    def at(a, j):
+        return a[jnp.clip(j, 0, n)]
 
     def body(i, carry):
-        x, x0_prev, lam_prev, have_prev, x0_cur = carry
-        s, s_next = sigmas[i], sigmas[i + 1]
-        # x0_cur was computed at (x, s) by the previous corrector (or at start).
-        a_next = 1 - s_next
-        h = lam(s_next) - lam(s)
-        phi = jnp.expm1(-h)  # e^{-h} - 1  (negative)
-        # Predictor (UniP, bh2): first order term + second order difference of x0.
-        r = (lam(s) - lam_prev) / h
-        d1 = jnp.where(have_prev, (x0_cur - x0_prev) / jnp.where(have_prev, r, 1.0), 0.0)
-        b_h = phi  # bh2: B(h) = e^{-h} - 1 ... scaled below
-        x_pred = (s_next / s) * x - a_next * phi * x0_cur
-        x_pred = x_pred - jnp.where(have_prev, a_next * b_h * 0.5, 0.0) * d1
-        final = s_next <= 0
-        x0_next = jax.lax.cond(final, lambda: x0_cur, lambda: x0_of(x_pred, s_next))
-        # Corrector (UniC): refine with the new x0 at the predicted point.
-        d1c = x0_next - x0_cur
-        x_corr = (s_next / s) * x - a_next * phi * x0_cur - a_next * b_h * 0.5 * d1c
-        x_new = jnp.where(final, x0_cur, x_corr)
-        return x_new, x0_cur, lam(s), jnp.array(True), x0_next
+        x, x_last, m1, m2 = carry  # x_i (predicted), x_{i-1} (corrected), m_{i-1}, m_{i-2}
+        s0 = sigmas[i]
+        m = (x - s0 * vel(x, s0)).astype(dtype)  # x0 prediction at (x_i, sigma_i)
 
-    x0_first = x0_of(x, sigmas[0])
-    carry = (x, x0_first, lam(sigmas[0]), jnp.array(False), x0_first)
-    x, *_ = jax.lax.fori_loop(0, n, body, carry)
+        # UniC corrector from sigma_{i-1} to sigma_i, order of the previous step (2 iff i >= 2).
+        h_phi_1, b_h, r, rho0, rho1 = _unipc_bh2_coeffs(lams[i], at(lams, i - 1), at(lams, i - 2))
+        c_ord2 = i >= 2
+        d1 = (m2 - m1) / jnp.where(c_ord2, r, 1.0)
+        corr = jnp.where(c_ord2, rho0 * d1 + rho1 * (m - m1), 0.5 * (m - m1))
+        a_t = alphas[i]
+        x_c = (s0 / at(sigmas, i - 1)) * x_last - (a_t * h_phi_1) * m1 - (a_t * b_h) * corr
+        sample = jnp.where(i >= 1, x_c.astype(dtype), x)
+
+        # UniP predictor from sigma_i to sigma_{i+1}.
+        s_t, a_t = sigmas[i + 1], alphas[i + 1]
+        h_phi_1, b_h, r, _, _ = _unipc_bh2_coeffs(lams[i + 1], lams[i], at(lams, i - 1))
+        p_ord2 = (i >= 1) & (i <= n - 2)
+        d1 = (m1 - m) / jnp.where(p_ord2, r, 1.0)
+        x_p = (s_t / s0) * sample - (a_t * h_phi_1) * m
+        x_p = jnp.where(p_ord2, x_p - (a_t * b_h) * (0.5 * d1), x_p)
+        return x_p.astype(dtype), sample, m, m1
+
+    zeros = jnp.zeros_like(x)
+    x, *_ = jax.lax.fori_loop(0, n, body, (x, x, zeros, zeros))
     return x
 
 
 _SOLVER_FNS = {"euler": _euler, "heun": _heun, "unipc": _unipc}
+
+
+def _unipc_sigmas64(steps: int, shift: float) -> np.ndarray:
+    n = flow.NUM_TRAIN_TIMESTEPS
+    s = np.linspace(1.0, 1.0 / n, int(steps) + 1)[:-1]  # float64, as the reference
+    s = shift * s / (1.0 + (shift - 1.0) * s)
+    if abs(s[0] - 1.0) < 1e-6:
+        s[0] -= 1e-6
+    return s
+
+
+def unipc_sigmas(steps: int, shift: float) -> np.ndarray:
+    """Noise levels of diffusers' UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift,
+    final_sigmas_type="zero").set_timesteps(steps): steps + 1 float32 values,
+    shift(linspace(1, 1/1000, steps + 1)[:-1]) with the first lowered by 1e-6 (so log(1 - sigma)
+    stays finite), then 0. Not flow.flow_match_sigmas (FlowMatchEulerDiscreteScheduler), whose
+    grid ends at shift(1/1000) and starts at exactly 1."""
+    return np.concatenate([_unipc_sigmas64(steps, shift), [0.0]]).astype(np.float32)
+
+
+def unipc_timesteps(steps: int, shift: float) -> np.ndarray:
+    """The integer timesteps that scheduler hands the model (WanPipeline passes them to the DiT):
+    trunc(1000 * sigma) of the float64 sigmas, before the float32 cast; `steps` int64 values."""
+    return (_unipc_sigmas64(steps, shift) * flow.NUM_TRAIN_TIMESTEPS).astype(np.int64)
+
+
+def schedule(solver: str, steps: int, shift: float):
+    """(sigmas, model_sigmas): the solver's steps + 1 noise levels and, aligned with them, the
+    noise level the model is told (its timestep / 1000). For euler/heun both are
+    flow.flow_match_sigmas; for unipc the sigmas are unipc_sigmas and the model sees the
+    truncated integer timesteps, as diffusers' WanPipeline calls the DiT with UniPC (its
+    scheduler.timesteps are int64)."""
+    if solver == "unipc":
+        sig = unipc_sigmas(steps, shift)
+        t = unipc_timesteps(steps, shift).astype(np.float32) / flow.NUM_TRAIN_TIMESTEPS
+        return sig, np.concatenate([t, [0.0]]).astype(np.float32)
+    sig = flow.flow_match_sigmas(int(steps), float(shift))
+    return sig, sig
+
+
+def model_sigma_lookup(sigmas, model_sigmas):
+    """s -> the model noise level aligned with s in `sigmas` (s is always one of them: solvers
+    call vel(x, sigmas[i])). A nearest-value lookup keeps the solvers' vel(x, s) interface and
+    stays on device."""
+    return lambda s: model_sigmas[jnp.argmin(jnp.abs(sigmas - s))]
 
 
 @functools.lru_cache(maxsize=32)
@@ -111,12 +187,16 @@ def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rul
         with sharding.activation_rules(mesh, rules):  # sequence-sharded DiT / VAE activations
             return _run(*args)
 
-    def _run(state, noise, ids, mask, neg_ids, neg_mask, sigmas, guidance):
+    def _run(state, noise, ids, mask, neg_ids, neg_mask, sigmas, model_sigmas, guidance):
         TRACE_COUNT["sample"] += 1
         model = nnx.merge(graphdef, state)
         ctx = model.encode_text(ids, mask)  # (B, L, D)
         neg_ctx = model.encode_text(neg_ids, neg_mask) if use_cfg else None
-        vel = lambda x, s: _cfg_velocity(model, x, s, ctx, neg_ctx, guidance, use_cfg)
+        if solver == "unipc":
+            t_of = model_sigma_lookup(sigmas, model_sigmas)
+            vel = lambda x, s: _cfg_velocity(model, x, t_of(s), ctx, neg_ctx, guidance, use_cfg)
+        else:
+            vel = lambda x, s: _cfg_velocity(model, x, s, ctx, neg_ctx, guidance, use_cfg)
         latents = _SOLVER_FNS[solver](vel, noise, sigmas)  # (B, t, h, w, z)
         if not decode:
             return latents, None
@@ -130,12 +210,18 @@ def sample(graphdef, state, noise, ids, mask, neg_ids, neg_mask, *, steps: int, 
            guidance: float, solver: str = "euler", decode: bool = True, mesh=None, rules=None):
     """Runs the compiled sampler. Returns (latents, frames in [0, 1] or None). With `mesh` (and
     the config's sharding `rules`), activations follow the rules: context-parallel attention and
-    the row-sharded VAE when the mesh has a context axis."""
+    the row-sharded VAE when the mesh has a context axis.
+
+    Guidance g: v = v_neg + g (v_pos - v_neg) with the negative prompt (neg_ids, neg_mask); g = 1
+    (or None) is the conditional prediction alone (one model call, no negative prompt), g = 0 the
+    unconditional (negative-prompt) prediction."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; known: {SOLVERS}")
-    sigmas = jnp.asarray(flow.flow_match_sigmas(int(steps), float(shift)))
-    use_cfg = guidance is not None and float(guidance) != 1.0
+    sigmas, model_sigmas = schedule(solver, int(steps), float(shift))
+    g = 1.0 if guidance is None else float(guidance)
+    use_cfg = g != 1.0
     if mesh is not None:
         rules = sharding.normalize_rules(rules)
     fn = _compiled(graphdef, solver, use_cfg, decode, mesh, rules)
-    return fn(state, noise, ids, mask, neg_ids, neg_mask, sigmas, jnp.float32(guidance or 1.0))
+    return fn(state, noise, ids, mask, neg_ids, neg_mask, jnp.asarray(sigmas), jnp.asarray(model_sigmas),
+              jnp.float32(g))

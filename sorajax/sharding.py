@@ -32,6 +32,7 @@ MESH_AXES = ("data", "fsdp", "context", "tensor")
 import contextlib
 import logging
 import math
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -105,6 +106,7 @@ def maybe_initialize_distributed() -> None:
 # ----------------------------------------------------------------------------------------------
 def mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[dict, dict]:
     """Resolves ICI and DCN axis sizes (-1 = fill) into concrete sizes. Raises UserError."""
+    # mesh_cfg: a config's `mesh` section, or a partial dict from code (a missing axis has size 1).
     ici = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
     dcn = {a: int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES}
     for name, sizes, total in (("mesh", ici, num_devices // max(num_slices, 1)), ("mesh.dcn", dcn, num_slices)):
@@ -149,8 +151,13 @@ def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> jax.sharding.Me
             from jax.experimental import mesh_utils
 
             arr = mesh_utils.create_device_mesh(shape, devices=devices)
-        except Exception:  # fake CPU devices / odd shapes: plain reshape is fine
+        except Exception as e:  # e.g. a shape the physical topology cannot embed
             arr = np.asarray(devices).reshape(shape)
+            msg = (f"mesh {dict(zip(MESH_AXES, shape))} does not follow the device topology "
+                   f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); using the "
+                   "devices in enumeration order, so collectives may cross slower links")
+            log.warning(msg)
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
     return jax.sharding.Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -227,6 +234,16 @@ def replicated(mesh) -> NamedSharding:
 def batch_sharding(mesh, rules, ndim: int) -> NamedSharding:
     spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), normalize_rules(rules), mesh)
     return NamedSharding(mesh, spec)
+
+
+def axis_size(mesh, rules, name: str) -> int:
+    """Devices a logical axis is split over under `rules` (before any divisibility check)."""
+    table = {}
+    for n, target in normalize_rules(rules):
+        table.setdefault(n, target)
+    target = table.get(name)
+    axes = () if target is None else (target if isinstance(target, tuple) else (target,))
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def data_parallel_size(mesh, rules) -> int:

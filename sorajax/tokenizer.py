@@ -30,6 +30,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sorajax import fileio
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 
@@ -88,17 +90,8 @@ def train_tokenizer(captions: Iterable[str], model_prefix_or_path, vocab_size: i
         num_threads=1,
         minloglevel=2,
     )
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_spm_", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fileio.write_bytes(path, buf.getvalue())
     return path
 
 

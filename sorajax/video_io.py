@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from sorajax import fileio
 from sorajax.errors import UserError
 
 EXTS = (".mp4", ".gif", ".png")
@@ -75,9 +76,7 @@ def write(path: str, frames, prompts=None, fps: int = 8) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in EXTS:
         raise UserError(f"unsupported output extension {ext!r}; use one of {', '.join(EXTS)}")
-    d, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.splitext(base)[0]}.tmp{os.getpid()}{ext}")
-    try:
+    with fileio.atomic_path(path) as tmp:
         if ext == ".png":
             from PIL import Image
 
@@ -100,12 +99,6 @@ def write(path: str, frames, prompts=None, fps: int = 8) -> str:
                                         macro_block_size=1, quality=8) as wr:
                     for g in grid:
                         wr.append_data(g)
-        os.replace(tmp, path)
-    except OSError as e:  # unwritable place, full disk: one line, not a traceback
-        raise UserError(f"cannot write {path!r}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

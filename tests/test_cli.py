@@ -13,7 +13,7 @@ pytestmark = pytest.mark.xdist_group("trained_run")
 
 def _train(workdir, data_dir, *extra):
     return run_cli(["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", str(workdir),
-                    f"--config.data.data_dir={data_dir}", "--config.train.log_every=1",
+                    f"--config.data.data_dir={data_dir}", "--config.dit_train.log_every=1",
                     "--config.vae_train.log_every=1", *extra])
 
 
@@ -35,7 +35,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run_dir, tmp_path)
     """Stopped after DiT step 3 and restarted: metrics.jsonl equals the uninterrupted run's,
     bit for bit (params, optimizer, EMA, RNG and data iterator all restored)."""
     data = run_dir.parent / "data"
-    b1 = _train(tmp_path / "b", data, "--config.train.steps=3")
+    b1 = _train(tmp_path / "b", data, "--config.dit_train.steps=3")
     assert b1.returncode == 0, b1.stderr[-3000:]
     b2 = _train(tmp_path / "b", data)
     assert b2.returncode == 0, b2.stderr[-3000:]
@@ -57,9 +57,9 @@ def test_train_outputs(run_dir):
 
 
 def test_sampler_compiles_once_per_shape(run_dir):
-    from sorajax import sample, sampler
+    from sorajax import inference, sampler
 
-    pipe = sample.load_pipeline(workdir=str(run_dir))
+    pipe = inference.load_pipeline(workdir=str(run_dir))
     before = sampler.TRACE_COUNT["sample"]
     a = pipe.generate(["a large red circle moves right on a black background"], seed=0, steps=2)
     b = pipe.generate(["a small blue square moves up on a navy background"], seed=1, steps=2, guidance=2.0)
@@ -106,7 +106,7 @@ def test_evaluate_cli_on_trained_run(run_dir, tmp_path):
 BAD = [
     # (argv, words the one-line error must contain)
     (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
-      "--config.train.nope=1"], "unknown config key"),
+      "--config.dit_train.nope=1"], "unknown config key"),
     (["-m", "sorajax.train", "--config", "configs/missing.py", "--workdir", "{tmp}/w"], "no such file"),
     (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "/proc/sorajax_unwritable"],
      "--workdir"),
@@ -118,9 +118,9 @@ BAD = [
     (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
       "--config.mesh.data=3"], "multiply to 3, but there are 8 devices"),
     (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
-      "--config.train.batch_size=12"], "train.batch_size=12: must be a multiple of 8"),
+      "--config.dit_train.batch_size=12"], "train.batch_size=12: must be a multiple of 8"),
     (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
-      "--config.train.log_every=0"], "train.log_every=0"),
+      "--config.dit_train.log_every=0"], "train.log_every=0"),
     (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "gs://bucket/run"],
      "URLs are not supported"),
     (["-m", "sorajax.sample", "--checkpoint", "{tmp}/nockpt", "--prompt", "a red circle", "--out", "{tmp}/o.mp4"],
@@ -133,6 +133,17 @@ BAD = [
     (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/nodir/o.mp4"],
      "does not exist"),
     (["-m", "sorajax.evaluate", "--workdir", "{tmp}/nothere", "--out", "{tmp}/r.json"], "workdir"),
+    # Context parallelism never switches itself off: 9x40x32 -> 60 tokens over 8 context devices.
+    (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
+      "--config.mesh.data=1", "--config.mesh.context=8", "--config.data.height=40"],
+     "60 DiT tokens, which the 8 context-parallel devices cannot split"),
+    # Flags no mode uses are not offered; flags that contradict the mode are refused.
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.png",
+      "--image", "{tmp}/x.png"], "unrecognized arguments: --image"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.png",
+      "--mode", "t2i", "--frames", "5"], "--frames 5 with --mode t2i"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.png",
+      "--mode", "i2v"], "invalid choice: 'i2v'"),
 ]
 
 
@@ -146,3 +157,16 @@ def test_bad_input_one_line_exit_2_no_partial_output(run_dir, tmp_path, argv, wo
     assert lines and lines[-1].startswith("error:") and words in lines[-1], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert set(os.listdir(tmp_path)) == before  # nothing half-written, no stray workdir
+
+
+def test_sampler_refuses_a_context_split_it_cannot_make(run_dir):
+    """Sampling on a mesh with 8 context devices: 48 tokens split, 60 do not (a clear error,
+    never a silent full attention on every device)."""
+    from sorajax import inference
+    from sorajax.errors import UserError
+
+    pipe = inference.load_pipeline(workdir=str(run_dir), mesh_cfg=dict(data=1, context=8))
+    out = pipe.generate(["a red circle moves right"], seed=0, steps=1, decode=False)
+    assert out["latents"].shape == (1, 3, 8, 8, 8)
+    with pytest.raises(UserError, match="60 DiT tokens, which the 8 context-parallel devices cannot split"):
+        pipe.generate(["a red circle moves right"], seed=0, steps=1, height=40, decode=False)

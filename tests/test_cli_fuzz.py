@@ -86,21 +86,21 @@ TRAIN_TINY = ["--config.stages=('vae',)",
               "--config.data.num_eval=2", "--config.vae_train.batch_size=2", "--config.vae_train.clip_frames=1",
               "--config.vae_train.steps=2", "--config.vae_train.ckpt_every=1", "--config.data.data_dir={T}/data"]
 TRAIN_GOOD = st.sampled_from([
-    ["--config.train.steps=3"], ["--config.vae_train.log_every=1"], ["--config.data.frames=5"],
-    ["--config.seed=3"], ["--config.train.warmup_steps=2"], ["--config.train.lr=0.001"],
-    ["--config.data.data_dir={T}/data"], ["--config.train.ema_decay=0.99"],
+    ["--config.dit_train.steps=3"], ["--config.vae_train.log_every=1"], ["--config.data.frames=5"],
+    ["--config.seed=3"], ["--config.dit_train.warmup_steps=2"], ["--config.dit_train.lr=0.001"],
+    ["--config.data.data_dir={T}/data"], ["--config.dit_train.ema_decay=0.99"],
 ])
 TRAIN_BAD = st.sampled_from([
-    ["--config.train.nope=1"], ["--config.data.frames=8"], ["--config.data.frames=-3"], ["--config.data.height=20"],
-    ["--config.data.width=0"], ["--config.train.steps=abc"], ["--config.train.steps"], ["--config.=1"],
+    ["--config.dit_train.nope=1"], ["--config.data.frames=8"], ["--config.data.frames=-3"], ["--config.data.height=20"],
+    ["--config.data.width=0"], ["--config.dit_train.steps=abc"], ["--config.dit_train.steps"], ["--config.=1"],
     ["--config.stages=vae"], ["--config.stages=('vae', 'gan')"], ["--config.stages=()"], ["--config.mesh.data=3"],
     ["--config.mesh.fsdp=0"], ["--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.tensor=-1"],
-    ["--config.train.batch_size=0"], ["--config.vae_train.batch_size=100000"], ["--config.train.log_every=0"],
-    ["--config.vae_train.ckpt_every=-2"], ["--config.train.lr=nan"], ["--config.train.lr=1e999"],
-    ["--config.train.b2=1.5"], ["--config.seed=-1"], ["--config.vae.variant=huge"],
+    ["--config.dit_train.batch_size=0"], ["--config.vae_train.batch_size=100000"], ["--config.dit_train.log_every=0"],
+    ["--config.vae_train.ckpt_every=-2"], ["--config.dit_train.lr=nan"], ["--config.dit_train.lr=1e999"],
+    ["--config.dit_train.b2=1.5"], ["--config.seed=-1"], ["--config.vae.variant=huge"],
     ["--config.vae.overrides={'nope': 1}"], ["--config.sharding_rules=5"],
     ["--config.sharding_rules=[('batch', 'nowhere')]"], ["--config.text.tokenizer=/nonexistent/spiece.model"],
-    ["--config.text.max_length=1"], ["--config.train.inject_nonfinite_steps=('x',)"],
+    ["--config.text.max_length=1"], ["--config.dit_train.inject_nonfinite_steps=('x',)"],
     ["--config.vae_train.clip_frames=2"], ["--config.flow.shift=0"], ["--bogus-flag"], ["stray"],
 ])
 TRAIN_CONFIG = st.sampled_from([["--config", "configs/toy.py:runlocal"]] * 4 + [

@@ -32,6 +32,8 @@ def test_wan_configs_have_the_real_sizes(name):
 
 def test_config_docstrings_are_launch_commands():
     for path in sorted((ROOT / "configs").glob("*.py")):
+        if path.name.startswith("_"):  # __init__.py
+            continue
         doc = path.read_text().split('"""')[1]
         assert "python -m sorajax.train --config configs/" + path.name in doc, path.name
 
@@ -71,7 +73,7 @@ def test_pod_presets_match_their_hardware(name):
         assert f"aot_compile.py --config configs/pods/{name}" in doc
     ici, dcn = sharding.mesh_shape(cfg.mesh, chips, slices)
     data_axes = ici["data"] * dcn["data"] * ici["fsdp"] * dcn["fsdp"]
-    assert cfg.train.batch_size % data_axes == 0
+    assert cfg.dit_train.batch_size % data_axes == 0
     _, dit_cfg, _ = video.model_configs(cfg)
     frames, h, w = cfg.data.frames, cfg.data.height, cfg.data.width
     tokens = (1 + (frames - 1) // 4) * (h // 16) * (w // 16)
@@ -79,3 +81,108 @@ def test_pod_presets_match_their_hardware(name):
     if dit_cfg.context_parallel == "all_to_all":
         assert dit_cfg.num_attention_heads % (ici["context"] * ici["tensor"]) == 0
     config_lib.load_config(str(path) + ":runlocal")
+
+
+def _config_files():
+    out = []
+    for path in sorted((ROOT / "configs").rglob("*.py")):
+        if path.name.startswith("_"):  # __init__.py, _preset.py: helpers, not configs
+            continue
+        out.append(path)
+    return out
+
+
+def _specs():
+    """Every config in configs/, with and without :runlocal (the fine-tune config takes a
+    converted checkpoint: the tiny Wan pipeline's config.json stands in for one)."""
+    specs = []
+    for path in _config_files():
+        rel = str(path.relative_to(ROOT))
+        if path.name == "wan2_1_finetune.py":
+            continue
+        specs += [rel, rel + ":runlocal"]
+    return specs
+
+
+@pytest.fixture(scope="module")
+def converted_config_dir(tmp_path_factory):
+    """A converted checkpoint's config.json (what configs/wan2_1_finetune.py:CKPT reads)."""
+    from sorajax import convert
+
+    d = tmp_path_factory.mktemp("ckpt")
+    cfg = convert.run_config(str(ROOT / "tests" / "fixtures" / "wan_pipeline_tiny"), frames=9,
+                             height=32, width=48, max_length=16)
+    (d / "config.json").write_text(config_lib.to_json(cfg))
+    return d
+
+
+def test_every_config_sets_only_declared_keys_and_takes_grad_accum(converted_config_dir):
+    from sorajax import config_base
+
+    declared = set(config_lib.flat_keys(config_base.get_config()))
+    specs = _specs() + [f"configs/wan2_1_finetune.py:{converted_config_dir}"]
+    assert len(specs) >= 13
+    for spec in specs:
+        cfg = config_lib.load_config(str(ROOT / spec))
+        keys = set(config_lib.flat_keys(cfg))
+        assert keys <= declared, (spec, sorted(keys - declared))
+        # Model overrides: fields of the model dataclasses (checked when the configs are built).
+        video.model_configs(cfg)
+        # The documented way to accumulate gradients is accepted on every config.
+        config_lib.apply_overrides(cfg, ["--config.dit_train.grad_accum=2",
+                                          "--config.vae_train.grad_accum=2"])
+        assert cfg.dit_train.grad_accum == 2 and cfg.vae_train.grad_accum == 2
+
+
+def test_undeclared_keys_are_refused(tmp_path):
+    from sorajax.errors import UserError
+
+    bad = tmp_path / "bad.py"
+    bad.write_text("from sorajax import config_base\n\n\ndef get_config():\n"
+                   "    c = config_base.get_config()\n    c.dit_train.grad_acum = 2\n    return c\n")
+    with pytest.raises(UserError, match=r"dit_train.grad_acum.*not declared"):
+        config_lib.load_config(str(bad))
+    cfg = config_lib.load_config(str(ROOT / "configs" / "toy.py"))
+    with pytest.raises(UserError, match="unknown config key 'dit_train.grad_acum'"):
+        config_lib.apply_overrides(cfg, ["--config.dit_train.grad_acum=2"])
+    with pytest.raises(UserError, match="not declared"):
+        config_lib.from_json('{"seed": 1, "dit_train": {"nope": 1}}')
+    # A model override names a dataclass field, checked when the model configs are built.
+    config_lib.apply_overrides(cfg, ["--config.dit.overrides.not_a_field=1"])
+    with pytest.raises(UserError, match="unknown field"):
+        video.model_configs(cfg)
+
+
+def test_a_type_error_inside_get_config_surfaces(tmp_path):
+    """A bug inside get_config(arg) is reported with its type, never retried without the arg."""
+    from sorajax.errors import UserError
+
+    calls = tmp_path / "calls.txt"
+    bad = tmp_path / "typo.py"
+    bad.write_text(f"def get_config(arg=''):\n    open({str(calls)!r}, 'a').write(arg + '\\n')\n"
+                   "    return len(3)\n")
+    with pytest.raises(UserError, match=r"get_config failed: TypeError: object of type 'int'"):
+        config_lib.load_config(f"{bad}:runlocal")
+    assert calls.read_text().splitlines() == ["runlocal"]  # called once, with its argument
+
+
+def test_saved_configs_load_over_the_base():
+    """A config.json from before a key was declared still loads (the key takes its default);
+    one from before the stage sections were renamed maps `train` to `dit_train`."""
+    cfg = config_lib.from_json('{"seed": 3, "train": {"steps": 7, "keep_checkpoints": 2}, '
+                               '"vae_train": {"steps": 5}}')
+    assert cfg.seed == 3 and cfg.dit_train.steps == 7 and cfg.vae_train.steps == 5
+    assert cfg.vae_train.keep_checkpoints == 2 and cfg.dit_train.grad_accum == 1
+
+
+def test_no_config_defaults_outside_the_base():
+    """`grep -rn '.get("' sorajax/ | grep -i config` finds nothing: no `.get("key", default)` on
+    our configs; every default lives in sorajax/config_base.py. (Reading the reference's own
+    config.json files, e.g. vae.config_from_diffusers, uses `c.get`, with the reference's
+    defaults: those lines do not name a config.)"""
+    hits = []
+    for path in sorted((ROOT / "sorajax").rglob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if '.get("' in line and "config" in line.lower():
+                hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not hits, "\n".join(hits)

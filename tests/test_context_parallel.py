@@ -128,3 +128,56 @@ def test_unknown_variant():
     q, k, v, _ = inputs(1, 32, 4, 8)
     with pytest.raises(ValueError, match="ring.*all_to_all"):
         context_parallel_attention(q, k, v, mesh=make_mesh(context=4), variant="ulysses")
+
+
+# ----------------------------------------------------------------------------------------------
+# Context parallelism never switches itself off: tokens that do not split are an error.
+# ----------------------------------------------------------------------------------------------
+def _self_attention_under_rules(mesh, variant="ring"):
+    from sorajax import sharding
+    from sorajax.models import attention
+
+    def f(q, k, v):
+        with sharding.activation_rules(mesh, sharding.normalize_rules(None)):
+            return attention.self_attention(q, k, v, backend="xla", context_parallel=variant)
+    return f
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_self_attention_rejects_tokens_not_divisible_by_context(variant):
+    from sorajax import sharding
+
+    mesh = sharding.make_mesh(dict(context=8))
+    f = _self_attention_under_rules(mesh, variant)
+    q, k, v, _ = inputs(1, 60, 8, 8)
+    with pytest.raises(ValueError, match=r"self-attention over 60 tokens cannot be split over context=8 "
+                                         r"devices: the token count must be a multiple of 8; change "
+                                         r"frames/height/width or mesh\.context"):
+        jax.eval_shape(f, q, k, v)
+    # 64 tokens split: context-parallel (ring / all-to-all collectives) and equal to full attention.
+    q, k, v, _ = inputs(1, 64, 8, 8)
+    compiled = jax.jit(f).lower(q, k, v).compile()
+    assert ("collective-permute" if variant == "ring" else "all-to-all") in compiled.as_text()
+    out = compiled(q, k, v)
+    assert float(jnp.max(jnp.abs(out - reference(q, k, v)))) < TOL
+
+
+def test_dit_rejects_tokens_not_divisible_by_context():
+    """The error reaches the model: the tiny DiT on a 3 x 4 x 6 latent has 3 * 2 * 3 = 18 tokens."""
+    from flax import nnx
+
+    from sorajax import sharding
+    from sorajax.models import dit
+
+    mesh = sharding.make_mesh(dict(context=8))
+    cfg = dit.VARIANTS["tiny"]()
+
+    def fwd(x):
+        with sharding.activation_rules(mesh, sharding.normalize_rules(None)):
+            model = dit.WanDiT(cfg, rngs=nnx.Rngs(0))
+            return model(x, jnp.zeros((1,)), jnp.zeros((1, 4, cfg.text_dim)))
+
+    with pytest.raises(ValueError, match=r"over 18 tokens cannot be split over context=8 devices"):
+        jax.eval_shape(fwd, jax.ShapeDtypeStruct((1, 3, 4, 6, cfg.in_channels), jnp.float32))
+    out = jax.eval_shape(fwd, jax.ShapeDtypeStruct((1, 4, 4, 8, cfg.in_channels), jnp.float32))  # 32
+    assert out.shape == (1, 4, 4, 8, cfg.out_channels)

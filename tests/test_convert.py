@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import FIXTURES, run_cli
+from tests.helpers import FIXTURES, ROOT, run_cli
 
 pytestmark = pytest.mark.xdist_group("convert")
 SRC = FIXTURES / "wan_pipeline_tiny"
@@ -46,11 +46,11 @@ def test_sample_reproduces_wan_pipeline_latents(ckpt, tmp_path, guidance, key):
     ours = np.load(tmp_path / "l.npy")
     ref = io[key].transpose(0, 2, 3, 4, 1)
     err = float(np.abs(ours - ref).max())
-    assert err <= 1e-3, err
+    assert err <= 3e-4, err  # PARITY.md: 2.8e-5 measured
     if key == "latents_cfg":
         frames = np.load(tmp_path / "f.npy")
         assert frames.shape == io["frames_cfg"].shape
-        assert float(np.abs(frames - io["frames_cfg"]).max()) <= 1e-3
+        assert float(np.abs(frames - io["frames_cfg"]).max()) <= 1e-4  # PARITY.md: 7.8e-6
 
 
 def test_convert_errors_are_one_line(tmp_path):
@@ -77,7 +77,7 @@ def test_finetune_from_imported_checkpoint(ckpt, tmp_path):
     wd = tmp_path / "ft"
     r = run_cli(["-m", "sorajax.train", "--config", f"configs/wan2_1_finetune.py:{ckpt}", "--workdir", str(wd),
                  f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.num_train=16",
-                 "--config.train.steps=2", "--config.train.log_every=1", "--config.train.ckpt_every=2"])
+                 "--config.dit_train.steps=2", "--config.dit_train.log_every=1", "--config.dit_train.ckpt_every=2"])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
     assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
@@ -85,3 +85,39 @@ def test_finetune_from_imported_checkpoint(ckpt, tmp_path):
     r = run_cli(["-m", "sorajax.sample", "--workdir", str(wd), "--prompt", "a red circle moves right",
                  "--steps", "2", "--out", str(tmp_path / "ft.gif")])
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_finetune_starts_from_the_imported_weights(ckpt, tmp_path):
+    """The fine-tune stage's fresh state is the converted model: before any step its velocity
+    and its decoded frames equal the converted checkpoint's (so the imported weights loaded)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sorajax import config_lib, inference, sharding, stages
+    from sorajax.train_state import Trainer
+
+    cfg = config_lib.load_config(f"{ROOT / 'configs' / 'wan2_1_finetune.py'}:{ckpt}")
+    mesh = sharding.make_mesh(cfg.mesh)
+    tok_path = stages.ensure_tokenizer(cfg, str(tmp_path))
+    stage = stages.DiTStage(cfg, str(tmp_path), stages.load_tokenizer(tok_path), tok_path)
+    trainer = Trainer(stage, cfg, mesh)
+    fresh = trainer.init()
+    state = stage.init_state(jax.tree.map(jnp.copy, fresh), trainer, mesh)
+    ours = nnx.merge(trainer.graphdef, state["params"], state["frozen"])
+    _, ref, tok, _, _ = inference.load_model(str(ckpt), mesh_cfg=cfg.mesh)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 3, 4, 6, 4)), jnp.float32)  # (B, t, h, w, z)
+    ids, mask = tok.encode(["a red circle moves right"], cfg.text.max_length)[:2]
+    ctx_ours = ours.encode_text(jnp.asarray(ids), jnp.asarray(mask))
+    ctx_ref = ref.encode_text(jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(ctx_ours), np.asarray(ctx_ref))
+    sigma = jnp.asarray([0.7], jnp.float32)
+    v_ours = np.asarray(ours.velocity(x, sigma, ctx_ours))
+    np.testing.assert_array_equal(v_ours, np.asarray(ref.velocity(x, sigma, ctx_ref)))
+    np.testing.assert_array_equal(np.asarray(ours.decode_latents(x)), np.asarray(ref.decode_latents(x)))
+    # ... and not what a fresh random init computes.
+    rand = nnx.merge(trainer.graphdef, fresh["params"], fresh["frozen"])
+    assert not np.allclose(v_ours, np.asarray(rand.velocity(x, sigma, rand.encode_text(jnp.asarray(ids), jnp.asarray(mask)))))
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), state["ema"], state["params"])
+    assert all(jax.tree.leaves(same))  # the EMA starts at the imported weights too

@@ -2,9 +2,9 @@
 timesteps, positions, remat, loader errors and sharding annotations.
 
 Fixture: tests/fixtures/wan_dit_tiny (scripts/make_dit_fixtures.py, torch layout NCFHW)."""
-import logging
 import pathlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import sorajax  # noqa: F401  (turns eager variable sharding off)
 from sorajax.errors import WeightsMismatch
-from sorajax.models import attention, dit
+from sorajax.models import dit
 from sorajax.sharding import LOGICAL_AXES
 
 
@@ -58,15 +58,20 @@ def test_config_from_diffusers_is_tiny_variant(tiny):
     assert cfg.rope_split == (4, 4, 4)
 
 
+# Max abs error vs diffusers measured in f32 on CPU: 1.4e-6 .. 1.9e-6 (docs/PARITY.md: 1.9e-6).
+PARITY_ATOL = 2e-5
+
+
 @pytest.mark.parametrize("case", ["f1", "f2", "f3", "tok"])
 def test_parity_with_diffusers(tiny, case):
     _, _, model, io, fwd = tiny
     x, t = _cl(io[f"x_{case}"]), io[f"t_{case}"]
-    out = np.asarray(fwd(model, x, t, io["ctx"]))
+    out = fwd(model, x, t, io["ctx"])
     ref = _cl(io[f"out_{case}"])
-    assert out.shape == ref.shape == x.shape  # in = out = 4 channels
-    err = np.abs(out - ref).max()
-    assert err <= 1e-4, f"{case}: max abs err {err}"
+    chex.assert_shape(out, x.shape)  # in = out = 4 channels
+    chex.assert_type(out, jnp.float32)
+    print(f"dit {case}: max abs err {np.abs(np.asarray(out) - ref).max():.2e}")
+    chex.assert_trees_all_close(out, ref, atol=PARITY_ATOL, rtol=0)
 
 
 def test_param_counts(tiny):
@@ -176,23 +181,3 @@ def test_params_carry_logical_axis_names():
     assert blk.ffn_in.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
     assert blk.attn1.norm_q.scale.get_metadata()["out_sharding"] == ("norm",)
     assert blk.scale_shift_table.get_metadata()["out_sharding"] == (None, "modulation", "embed")
-
-
-def test_attention_backends_agree_and_cudnn_falls_back(caplog):
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(kq, (2, 5, 2, 8))
-    k = jax.random.normal(kk, (2, 7, 2, 8))
-    v = jax.random.normal(kv, (2, 7, 2, 8))
-    ref = jnp.einsum("bqhk,bkhd->bqhd",
-                     jax.nn.softmax(jnp.einsum("bqhd,bkhd->bqhk", q, k) / np.sqrt(8), axis=-1), v)
-    for backend in ("xla", "auto"):
-        np.testing.assert_allclose(attention.dot_product_attention(q, k, v, backend=backend), ref, atol=1e-5)
-    if jax.default_backend() == "cpu":
-        with caplog.at_level(logging.WARNING, logger=attention.__name__):
-            out = attention.dot_product_attention(q, k, v, backend="cudnn")
-        np.testing.assert_allclose(out, ref, atol=1e-5)
-    with pytest.raises(ValueError):
-        attention.dot_product_attention(q, k, v, backend="flash9")
-    np.testing.assert_allclose(attention.dot_product_attention(q, k, v, backend="flash"), ref, atol=1e-5)
-    np.testing.assert_allclose(attention.self_attention(q, k[:, :5], v[:, :5], backend="splash"),
-                               attention.dot_product_attention(q, k[:, :5], v[:, :5]), atol=1e-5)  # off TPU: flash

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -22,13 +21,13 @@ def _render(prompts, **override):
     clips = []
     for p in prompts:
         obj = dict(p.spec["objects"][0], **{k: f(p.spec["objects"][0]) for k, f in override.items()})
-        q = ev.EvalPrompt(p.caption, dict(p.spec, objects=[obj]), p.seed)
-        clips.append(ev.render_prompt(q, CFG)["frames"])
+        q = world.EvalPrompt(p.caption, dict(p.spec, objects=[obj]), p.seed)
+        clips.append(world.render_prompt(q, CFG)["frames"])
     return clips
 
 
 def test_eval_prompts_cover_the_world():
-    ps = ev.EVAL_PROMPTS
+    ps = world.EVAL_PROMPTS
     assert len(ps) >= 24
     objs = [p.spec["objects"][0] for p in ps]
     assert {o["color"] for o in objs} == set(world.COLORS)
@@ -42,8 +41,8 @@ def test_eval_prompts_cover_the_world():
 
 
 def test_ground_truth_scores_high():
-    clips = _render(ev.EVAL_PROMPTS)
-    r = ev.score_clips(clips, [p.spec for p in ev.EVAL_PROMPTS])
+    clips = _render(world.EVAL_PROMPTS)
+    r = ev.score_clips(clips, [p.spec for p in world.EVAL_PROMPTS])
     m = r["metrics"]
     for k in ("color_adherence", "direction_adherence", "prompt_adherence"):
         assert m[k] >= 0.98, (k, m)
@@ -51,7 +50,7 @@ def test_ground_truth_scores_high():
     assert all(0.0 <= v <= 1.0 for v in m.values())
     json.dumps(r)
     # float [0, 1] input reads the same as uint8
-    f = ev.analyze_clip(clips[0].astype(np.float32) / 255, ev.EVAL_PROMPTS[0].spec)
+    f = ev.analyze_clip(clips[0].astype(np.float32) / 255, world.EVAL_PROMPTS[0].spec)
     assert f["color_ok"] and f["direction_ok"]
 
 
@@ -64,22 +63,22 @@ def test_robust_to_blur_and_noise():
             x = 0.25 * np.roll(x, -1, ax) + 0.5 * x + 0.25 * np.roll(x, 1, ax)
         return np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1)
 
-    clips = [degrade(c) for c in _render(ev.EVAL_PROMPTS)]
-    m = ev.score_clips(clips, [p.spec for p in ev.EVAL_PROMPTS])["metrics"]
+    clips = [degrade(c) for c in _render(world.EVAL_PROMPTS)]
+    m = ev.score_clips(clips, [p.spec for p in world.EVAL_PROMPTS])["metrics"]
     assert m["color_adherence"] >= 0.95 and m["direction_adherence"] >= 0.95, m
 
 
 def test_wrong_colour_is_detected():
     names = list(world.COLORS)
-    clips = _render(ev.EVAL_PROMPTS,
+    clips = _render(world.EVAL_PROMPTS,
                     color=lambda o: names[(names.index(o["color"]) + 3) % len(names)])
-    m = ev.score_clips(clips, [p.spec for p in ev.EVAL_PROMPTS])["metrics"]
+    m = ev.score_clips(clips, [p.spec for p in world.EVAL_PROMPTS])["metrics"]
     assert m["color_adherence"] <= 0.05, m
     assert m["direction_adherence"] >= 0.98  # only the colour is wrong
 
 
 def test_reversed_motion_is_detected():
-    moving = [p for p in ev.EVAL_PROMPTS if p.spec["objects"][0]["motion"] != "still"]
+    moving = [p for p in world.EVAL_PROMPTS if p.spec["objects"][0]["motion"] != "still"]
     clips = _render(moving, motion=lambda o: OPPOSITE[o["motion"]])
     m = ev.score_clips(clips, [p.spec for p in moving])["metrics"]
     assert m["direction_adherence"] <= 0.05 and m["direction_cosine"] <= 0.05, m
@@ -87,37 +86,47 @@ def test_reversed_motion_is_detected():
     # Static clips for moving prompts fail; moving clips for still prompts fail.
     still = _render(moving, motion=lambda o: "still")
     assert ev.score_clips(still, [p.spec for p in moving])["metrics"]["direction_adherence"] == 0
-    stills = [p for p in ev.EVAL_PROMPTS if p.spec["objects"][0]["motion"] == "still"]
+    stills = [p for p in world.EVAL_PROMPTS if p.spec["objects"][0]["motion"] == "still"]
     assert stills
     moved = _render(stills, motion=lambda o: "right")
     assert ev.score_clips(moved, [p.spec for p in stills])["metrics"]["direction_adherence"] == 0
 
 
 def test_blank_clip_fails():
-    r = ev.analyze_clip(np.zeros((9, 32, 32, 3), np.float32), ev.EVAL_PROMPTS[0].spec)
+    r = ev.analyze_clip(np.zeros((9, 32, 32, 3), np.float32), world.EVAL_PROMPTS[0].spec)
     assert not r["color_ok"] and not r["direction_ok"]
 
 
-def test_sampling_path_with_a_fake_sampler(tmp_path, monkeypatch):
-    by_caption = {p.caption: p for p in ev.EVAL_PROMPTS}
+def test_benchmark_scores_what_a_generate_function_returns():
+    """The benchmark takes `generate(captions, seed) -> frames`: it never loads a model itself."""
+    truth = ev.ground_truth_generate(CFG)
+    calls = []
+
+    def generate(captions, seed):
+        calls.append((len(captions), seed))
+        return truth(captions, seed)
+
+    rep = ev.run_benchmark(generate, seed=1, info={"source": "test"})
+    assert rep["metrics"]["prompt_adherence"] >= 0.98
+    assert calls == [(13, 1), (13, 14)]  # two batches of one shape; batch seeds offset by index
+    assert rep["info"]["source"] == "test" and rep["info"]["frames"] == 9
+    blank = ev.run_benchmark(lambda caps, seed: np.zeros((len(caps), 9, 32, 32, 3), np.float32))
+    assert blank["metrics"]["color_adherence"] == 0.0
+
+
+def test_model_generate_passes_the_sampling_settings():
+    by_caption = {p.caption: p for p in world.EVAL_PROMPTS}
     calls = []
 
     class Pipe:
-        defaults = {"frames": 9, "height": 32, "width": 32, "steps": 4, "guidance": 3.0}
-
-        def generate(self, prompts, *, seed, steps, guidance):
-            calls.append((len(prompts), seed, steps, guidance))
-            return {"frames": np.stack([ev.render_prompt(by_caption[c], CFG)["frames"]
+        def generate(self, prompts, *, seed, steps, guidance, **size):
+            calls.append((len(prompts), seed, steps, guidance, size))
+            return {"frames": np.stack([world.render_prompt(by_caption[c], CFG)["frames"]
                                         for c in prompts]).astype(np.float32) / 255}
 
-    fake = types.ModuleType("sorajax.sample")
-    fake.load_pipeline = lambda workdir: Pipe()
-    monkeypatch.setitem(sys.modules, "sorajax.sample", fake)
-    out = tmp_path / "r.json"
-    rep = ev.run_benchmark(out=str(out), workdir=str(tmp_path), seed=1, guidance=2.0)
+    rep = ev.run_benchmark(ev.model_generate(Pipe(), steps=4, guidance=2.0, frames=9), seed=1)
     assert rep["metrics"]["prompt_adherence"] >= 0.98
-    assert calls[0] == (13, 1, 4, 2.0) and sum(c[0] for c in calls) == len(ev.EVAL_PROMPTS)
-    assert json.loads(out.read_text())["info"]["steps"] == 4
+    assert calls[0] == (13, 1, 4, 2.0, {"frames": 9})
 
 
 def _cli(*args):
@@ -133,7 +142,7 @@ def test_cli_ground_truth_writes_json(tmp_path):
     assert rep["metrics"]["color_adherence"] >= 0.98
     assert rep["metrics"]["direction_adherence"] >= 0.98
     assert all(isinstance(v, float) and 0 <= v <= 1 for v in rep["metrics"].values())
-    assert len(rep["videos"]) == len(ev.EVAL_PROMPTS)
+    assert len(rep["videos"]) == len(world.EVAL_PROMPTS)
     v = rep["videos"][0]
     for k in ("prompt", "seed", "color", "displacement", "passed"):
         assert k in v

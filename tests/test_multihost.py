@@ -35,7 +35,7 @@ SMALL = [
     "--config.dit.overrides={'num_layers': 1, 'num_attention_heads': 2, 'attention_head_dim': 32, 'ffn_dim': 128}",
     "--config.text.overrides={'num_layers': 1, 'd_model': 64, 'd_kv': 16, 'num_heads': 4, 'd_ff': 128}",
     "--config.vae_train.steps=1", "--config.vae_train.log_every=1", "--config.vae_train.ckpt_every=1",
-    "--config.train.log_every=1", f"--config.train.ckpt_every={K}", "--config.train.sample_at_end=False",
+    "--config.dit_train.log_every=1", f"--config.dit_train.ckpt_every={K}", "--config.dit_train.sample_at_end=False",
 ]
 
 
@@ -56,7 +56,7 @@ def _env(num_devices, **extra):
 def _train_cmd(workdir, data_dir, steps, mesh):
     return [sys.executable, "-m", "sorajax.train", "--config", "configs/toy.py:runlocal",
             "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", *SMALL,
-            f"--config.train.steps={steps}", *(f"--config.mesh.{k}={v}" for k, v in mesh.items())]
+            f"--config.dit_train.steps={steps}", *(f"--config.mesh.{k}={v}" for k, v in mesh.items())]
 
 
 def _run_all(cmds_envs, tmp_path, tag):

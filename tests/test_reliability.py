@@ -95,13 +95,14 @@ def _wait(proc, cond, timeout=240):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """The tiny world dataset, built once (the runs below only read it)."""
-    from sorajax import config_lib, train
+    from sorajax import config_lib
+    from sorajax.data import builders
 
     d = tmp_path_factory.mktemp("reliability_data")
     cfg = config_lib.apply_overrides(config_lib.load_config(str(ROOT / "configs" / "toy.py:runlocal")),
                                      [a for a in TINY if a.startswith("--config.")] +
                                      [f"--config.data.data_dir={d}"])
-    train.world_source(cfg, "train")
+    builders.world_source(cfg.data, "train", build=True)
     return d
 
 
@@ -130,29 +131,51 @@ def baseline(tmp_path_factory, data_dir):
         b.proc.wait()
 
 
+def _finished_steps(workdir):
+    d = _ckpt_dir(workdir)
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
 def test_kill_9_at_random_steps_resumes_to_identical_losses(baseline, data_dir, tmp_path):
     """30 steps, SIGKILL at 3 seeded-random steps (the second one while a checkpoint is being
-    written), restart after each: metrics.jsonl equals an uninterrupted run's, bit for bit."""
+    written), restart after each. Every run after a kill must resume from the newest finished
+    checkpoint (not start over), and every step it computes itself must equal the uninterrupted
+    run's loss, bit for bit; the final metrics.jsonl equals the uninterrupted run's."""
+    want = dict(baseline.losses())
     wd = tmp_path / "killed"
     kills = sorted(random.Random(20240605).sample(range(3, STEPS - 2), 3))
     mid_write = False
     metrics = os.path.join(wd, "vae", "metrics.jsonl")
     inode = lambda: os.stat(metrics).st_ino if os.path.exists(metrics) else None
-    for i, k in enumerate(kills):
+    checked = []
+    for i, k in enumerate(kills + [None]):  # None: the last run, to the end
+        finished = _finished_steps(wd)
+        resume_from = finished[-1] if finished else 0
         old = inode()  # a resumed run rewrites metrics.jsonl (to the restored step): new inode
         p = _start(tmp_path / f"run{i}", *_argv(wd, data_dir))
-        if _wait(p, lambda: inode() not in (None, old) and _last_step(wd) >= k) and i == 1:
-            # Aim for the middle of a checkpoint write: a step directory still being written (a
-            # new one: any left by the first kill belongs to an earlier step).
-            writing = lambda: [n for n in os.listdir(_ckpt_dir(wd))
-                               if re.match(r"\d+\..*tmp", n) and int(n.split(".")[0]) >= k]
-            mid_write = _wait(p, lambda: bool(writing()), timeout=60)
-        p.kill()
-        p.wait()
+        if k is None:
+            assert p.wait(timeout=300) == 0, _logs(tmp_path / f"run{i}")[1][-3000:]
+        else:
+            if _wait(p, lambda: inode() not in (None, old) and _last_step(wd) >= k) and i == 1:
+                # Aim for the middle of a checkpoint write: a step directory still being written
+                # (a new one: any left by the first kill belongs to an earlier step).
+                writing = lambda: [n for n in os.listdir(_ckpt_dir(wd))
+                                   if re.match(r"\d+\..*tmp", n) and int(n.split(".")[0]) >= k]
+                mid_write = _wait(p, lambda: bool(writing()), timeout=60)
+            p.kill()
+            p.wait()
+        out = _logs(tmp_path / f"run{i}")[0]
+        m = re.search(r"\[vae\] resumed from \S+/(\d+)", out)
+        assert (int(m.group(1)) if m else 0) == resume_from, (i, resume_from, out[-1500:])
+        # The rows past the restored step are this run's own computation (the restart truncated
+        # metrics.jsonl to the restored step): each must equal the uninterrupted run's.
+        own = [(s, v) for s, v in _losses(wd) if s > resume_from]
+        assert own, f"run {i} computed no step"
+        assert [s for s, _ in own] == list(range(resume_from + 1, resume_from + 1 + len(own)))
+        assert own == [(s, want[s]) for s, _ in own], i
+        checked.append((resume_from, own[-1][0]))
     assert mid_write, "the second kill did not land during a checkpoint write"
-    r = _run(*_argv(wd, data_dir))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "[vae] resumed from" in r.stdout
+    assert all(r > 0 for r, _ in checked[1:]), checked  # every restart resumed from a checkpoint
     left = sorted(os.listdir(_ckpt_dir(wd)))
     assert left and all(n.isdigit() for n in left), left  # no half-written step directories remain
     assert _losses(wd) == baseline.losses()
@@ -199,7 +222,7 @@ def test_truncated_newest_checkpoint_is_named_skipped_and_the_run_resumes(baseli
     r = _run(*_argv(wd, data_dir, STEPS + 3, "--config.vae_train.ckpt_every=10"))
     assert r.returncode == 0, r.stderr[-3000:]
     bad = os.path.join(_ckpt_dir(wd), str(newest))
-    assert re.search(rf"checkpoint {re.escape(bad)} is unreadable \(.+\); skipping it", r.stdout), r.stdout[-3000:]
+    assert re.search(rf"checkpoint {re.escape(bad)} is unreadable \(.+\); skipping it", r.stderr), r.stderr[-3000:]
     assert f"[vae] resumed from {_ckpt_dir(wd)}/{previous}" in r.stdout
     assert os.path.isdir(bad + ".unreadable")  # kept for inspection, out of the way of the re-save
     got = _losses(wd)
@@ -210,12 +233,12 @@ def test_truncated_newest_checkpoint_is_named_skipped_and_the_run_resumes(baseli
 
 
 def test_nan_gradients_are_skipped_counted_and_stop_the_run(data_dir, tmp_path):
-    """NaN gradients injected at steps 2 and 5, 6, 7 (train.max_nonfinite_in_a_row=3): step 2 is
+    """NaN gradients injected at steps 2 and 5, 6, 7 (vae_train.max_nonfinite_in_a_row=3): step 2 is
     skipped and training goes on; 5-7 stop the run with exit code 1 and one `error:` line, and no
     checkpoint is written after the NaNs began (step 6's is held back; step 3's is kept)."""
     wd = tmp_path / "nan"
     r = _run(*_argv(wd, data_dir, 12, "--config.vae_train.inject_nonfinite_steps=(2, 5, 6, 7)",
-                    "--config.train.max_nonfinite_in_a_row=3"))
+                    "--config.vae_train.max_nonfinite_in_a_row=3"))
     assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -237,7 +260,8 @@ def test_injected_nan_step_leaves_params_opt_and_ema_unchanged():
     counter and the non-finite counters move); later steps update again."""
     import jax
 
-    from sorajax import config_lib, sharding, train
+    from sorajax import config_lib, sharding, stages
+    from sorajax.train_state import Trainer
 
     cfg = config_lib.apply_overrides(config_lib.load_config(str(ROOT / "configs" / "toy.py:runlocal")),
                                      [a for a in TINY if a.startswith("--config.")] +
@@ -245,7 +269,7 @@ def test_injected_nan_step_leaves_params_opt_and_ema_unchanged():
     with cfg.unlocked():
         cfg.mesh.data = 1
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
-    tr = train.Trainer(train.VAEStage(cfg, "/nonexistent"), cfg, mesh)
+    tr = Trainer(stages.VAEStage(cfg, "/nonexistent"), cfg, mesh)
     state = tr.init()
     before = jax.tree.map(np.array, {k: state[k] for k in ("params", "opt", "ema")})  # copies: state is donated
     batch = {"frames": np.random.default_rng(0).uniform(-1, 1, (2, 1, 16, 16, 3)).astype(np.float32)}

@@ -1,4 +1,5 @@
 """Trainer: sharded steps equal the 1-device step; guarded numerics. (Exact resume: test_cli.py.)"""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 from flax import nnx
 
 import sorajax  # noqa: F401
-from sorajax import sharding, train
+from sorajax import sharding, stages
+from sorajax.train_state import Trainer
 from sorajax import tokenizer as tok_lib
 from tests.helpers import FIXTURES, toy_config
 
@@ -19,8 +21,8 @@ def small(cfg):
         # A real update from the first step (warm-up starts at lr 0). Adam moves every weight by
         # about lr whatever its gradient's size, so a weight whose gradient is ~eps (1e-8) can
         # move by +-lr on float noise alone: lr 1e-4 keeps that below the 1e-5 bound.
-        cfg.train.warmup_steps = 0
-        cfg.train.lr = 1e-4
+        cfg.dit_train.warmup_steps = 0
+        cfg.dit_train.lr = 1e-4
     return cfg
 
 
@@ -40,8 +42,8 @@ def _dit_trainer(config, devices, mesh_kw):
     with config.unlocked():
         config.mesh.update(mesh_kw)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
-    stage = train.DiTStage(config, "/nonexistent", tok)
-    return train.Trainer(stage, config, mesh), mesh, tok
+    stage = stages.DiTStage(config, "/nonexistent", tok)
+    return Trainer(stage, config, mesh), mesh, tok
 
 
 def _batch(config, tok, n):
@@ -96,8 +98,7 @@ def test_sharded_train_step_matches_single_device(reference_step, name):
     p8, out8 = _two_steps(many, mesh8, batch)
     for (l1, g1), (l8, g8) in zip(out1, out8):
         assert abs(l1 - l8) < 1e-5 and abs(g1 - g8) < 1e-5 * max(1.0, g1)
-    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), p1, p8)
-    assert max(jax.tree.leaves(diffs)) < 1e-5
+    chex.assert_trees_all_close(p1, p8, atol=1e-5, rtol=0)
     p0 = jax.device_get(many.init()["params"])  # the steps really moved the weights
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), p0, p8)
     assert max(jax.tree.leaves(moved)) > 1e-4
@@ -108,7 +109,7 @@ def test_grad_accumulation_is_the_mean_of_micro_steps():
     and the sharded accumulated step equals the 1-device one."""
     cfg = small(toy_config())
     with cfg.unlocked():
-        cfg.train.grad_accum = 2
+        cfg.dit_train.grad_accum = 2
     one, mesh1, tok = _dit_trainer(cfg, jax.devices()[:1], dict(data=1))
     batch = _batch(cfg, tok, 8)
     state = one.init()
@@ -121,8 +122,7 @@ def test_grad_accumulation_is_the_mean_of_micro_steps():
     many, mesh4, _ = _dit_trainer(cfg, jax.devices()[:4], dict(data=4))
     n4, m4 = many.step_fn()(many.init(), sharding.global_batch(batch, mesh4, many.rules))
     assert abs(float(m4["loss"]) - float(m1["loss"])) < 1e-5
-    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), n1["params"], n4["params"])
-    assert max(jax.tree.leaves(diffs)) < 1e-5
+    chex.assert_trees_all_close(jax.device_get(n1["params"]), jax.device_get(n4["params"]), atol=1e-5, rtol=0)
 
 
 def test_nonfinite_update_is_skipped_and_counted():
@@ -142,3 +142,84 @@ def test_nonfinite_update_is_skipped_and_counted():
     state, m = tr.step_fn()(state, sharding.global_batch(good, mesh, tr.rules))
     assert int(m["skipped"]) == 0 and int(state["train"]["nonfinite_in_a_row"]) == 0
     assert int(state["train"]["nonfinite_total"]) == 1
+
+
+def test_train_step_compiles_once():
+    """The step is traced once for a stage, whatever the batch contents (chex counts traces)."""
+    cfg = small(toy_config())
+    tr, mesh, tok = _dit_trainer(cfg, jax.devices()[:1], dict(data=1))
+    tr._step_fn = chex.assert_max_traces(tr._step_fn, n=1)
+    state = tr.init()
+    for seed in range(3):
+        batch = _batch(cfg, tok, 8)
+        batch["latents"] = np.random.default_rng(seed).standard_normal(batch["latents"].shape).astype(np.float32)
+        state, m = tr.step_fn()(state, sharding.global_batch(batch, mesh, tr.rules))
+    assert int(state["train"]["step"]) == 3
+
+
+def test_stale_latent_cache_is_rebuilt_never_paired_with_new_captions(tmp_path):
+    """RUN/latents is keyed by the data settings and the VAE: another data seed (other clips and
+    captions), size or frame count rebuilds it; the same settings reuse it."""
+    from sorajax import latents
+    from sorajax.models import video
+    from sorajax.models.vae import WanVAE
+
+    cfg = toy_config()
+    vae_cfg, _, _ = video.model_configs(cfg)
+    mesh = sharding.make_mesh(dict(data=1), devices=jax.devices()[:1])
+    vae = nnx.split(WanVAE(vae_cfg, rngs=nnx.Rngs(0)))
+    loads = []
+
+    def load_vae():
+        loads.append(1)
+        return vae
+
+    def source(seed):
+        rng = np.random.default_rng(seed)
+        return [{"frames": rng.integers(0, 255, (9, 32, 32, 3), dtype=np.uint8),
+                 "caption": f"clip {seed}-{i}".encode()} for i in range(3)]
+
+    a = latents.cached_latents(cfg, str(tmp_path), mesh, source(0), "vae@1", load_vae)
+    assert a.captions == ["clip 0-0", "clip 0-1", "clip 0-2"] and a.latents.shape == (3, 3, 8, 8, 8)
+    again = latents.cached_latents(cfg, str(tmp_path), mesh, source(0), "vae@1", load_vae)
+    assert len(loads) == 1 and again.captions == a.captions  # reused: the VAE was not even loaded
+    np.testing.assert_array_equal(again.latents, a.latents)
+    for change in ("data.seed", "data.frames", "vae"):
+        c = toy_config()
+        prov = "vae@1"
+        with c.unlocked():
+            if change == "data.seed":
+                c.data.seed = 1
+            elif change == "data.frames":
+                c.data.frames = 13
+            else:
+                prov = "vae@2"
+        b = latents.cached_latents(c, str(tmp_path), mesh, source(1), prov, load_vae)
+        assert b.captions == ["clip 1-0", "clip 1-1", "clip 1-2"], change  # rebuilt with its captions
+        assert not np.allclose(b.latents, a.latents), change
+    assert len(loads) == 4
+
+
+def test_end_of_training_sampling_failure_fails_the_run(tmp_path):
+    """A run whose end-of-training samples fail says so and exits non-zero (RunFailed -> 1)."""
+    from sorajax.errors import RunFailed
+
+    cfg = toy_config()
+    tok = tok_lib.Tokenizer.load(str(FIXTURES / "umt5_tiny" / "tokenizer"))
+    stage = stages.DiTStage(cfg, str(tmp_path / "no_run_here"), tok)
+    with pytest.raises(RunFailed, match="end-of-training sampling failed"):
+        stage.on_end(None, None, None, 6)
+
+
+def test_mesh_fallback_warns(monkeypatch, capsys):
+    """When the device mesh cannot follow the topology, the plain-order fallback says so."""
+    from jax.experimental import mesh_utils
+
+    def refuse(*a, **k):
+        raise ValueError("cannot embed this mesh in the physical topology")
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", refuse)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=4), devices=jax.devices()[:8])
+    assert dict(mesh.shape) == dict(data=2, fsdp=4, context=1, tensor=1)
+    err = capsys.readouterr().err
+    assert "warning: mesh" in err and "does not follow the device topology" in err

@@ -13,15 +13,11 @@ chips): inside each slice FSDP 16 x context 4 over ICI; across slices data paral
 Tiny variant (fake CPU devices, tests):
     python -m sorajax.train --config configs/pods/wan14b_2xv5p128.py:runlocal --workdir /tmp/p
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _base  # noqa: E402
+from configs.pods._preset import preset
 
 
 def get_config(arg: str = ""):
-    return _base.preset(
+    return preset(
         "wan2_1_t2v_14b", arg, frames=81, height=720, width=1280, batch=32,
         mesh=dict(fsdp=16, context=4, dcn_data=2),
         dit=dict(attention="splash", context_parallel="all_to_all", remat="full", scan_layers=True,

@@ -11,15 +11,11 @@ MLP halves the rest), full remat, scanned layers, bf16 compute. AOT: 88.2 GB of 
 Tiny variant (fake CPU devices, tests):
     python -m sorajax.train --config configs/pods/wan14b_60s_v5p1024.py:runlocal --workdir /tmp/p
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _base  # noqa: E402
+from configs.pods._preset import preset
 
 
 def get_config(arg: str = ""):
-    return _base.preset(
+    return preset(
         "wan2_1_t2v_14b", arg, frames=1441, height=720, width=1280, batch=16,
         mesh=dict(fsdp=16, context=16, tensor=2),
         dit=dict(attention="flash", context_parallel="ring", remat="full", scan_layers=True,

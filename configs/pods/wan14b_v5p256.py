@@ -12,15 +12,11 @@ scanned layers, bf16 compute with f32 master weights and optimizer state sharded
 Tiny variant (fake CPU devices, tests):
     python -m sorajax.train --config configs/pods/wan14b_v5p256.py:runlocal --workdir /tmp/p
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _base  # noqa: E402
+from configs.pods._preset import preset
 
 
 def get_config(arg: str = ""):
-    return _base.preset(
+    return preset(
         "wan2_1_t2v_14b", arg, frames=81, height=720, width=1280, batch=32,
         mesh=dict(fsdp=32, context=4),
         dit=dict(attention="splash", context_parallel="all_to_all", remat="full", scan_layers=True,

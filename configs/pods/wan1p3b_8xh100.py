@@ -9,15 +9,11 @@ FSDP 8, cuDNN flash attention, bf16 compute, dots-saveable remat.
 Tiny variant (fake CPU devices, tests):
     python -m sorajax.train --config configs/pods/wan1p3b_8xh100.py:runlocal --workdir /tmp/p
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _base  # noqa: E402
+from configs.pods._preset import preset
 
 
 def get_config(arg: str = ""):
-    return _base.preset(
+    return preset(
         "wan2_1_t2v_1p3b", arg, frames=81, height=480, width=832, batch=16,
         mesh=dict(fsdp=8),
         dit=dict(attention="cudnn", remat="dots", scan_layers=True, dtype="bfloat16", param_dtype="float32"),

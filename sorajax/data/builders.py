@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from sorajax.data import world as world_lib
+from sorajax.errors import UserError
 
 SPLIT_IDS = {"train": 0, "validation": 1}
 
@@ -128,7 +130,6 @@ def world_builder(data_dir: str, *, config_name: str | None = None, **config_kwa
             raise FileNotFoundError(f"no world dataset at {path}")
         return tfds.builder_from_directory(path)
     # TFDS warns "Using custom data configuration" for every on-demand config: expected here.
-    from absl import logging as absl_logging
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
@@ -165,12 +166,45 @@ def load_source(data_dir: str, split: str = "train", *, build: bool = False,
     return builder.as_data_source(split=split)
 
 
+def decode_text(value) -> str:
+    """A text feature as read back (`tfds.features.Text` gives bytes through `tfds.data_source`;
+    in-memory sources hold str) -> str. The one caption decoder."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def decode_example(ex: dict[str, Any]) -> dict[str, Any]:
     """Bytes → str for the text fields, meta JSON → dict under "meta"."""
     out = dict(ex)
     for k in ("caption", "meta"):
-        if isinstance(out.get(k), bytes):
-            out[k] = out[k].decode("utf-8")
-    if isinstance(out.get("meta"), str):
+        if k in out:
+            out[k] = decode_text(out[k])
+    if "meta" in out:
         out["meta"] = json.loads(out["meta"])
     return out
+
+
+def world_kwargs(data_cfg) -> dict[str, Any]:
+    """build_world/load_source keyword arguments from a config's `data` section."""
+    d = data_cfg
+    return dict(frames=d.frames, height=d.height, width=d.width, num_train=d.num_train,
+                num_eval=d.num_eval, seed=d.seed, min_objects=d.min_objects,
+                max_objects=d.max_objects, occluder_prob=d.occluder_prob,
+                two_tone_prob=d.two_tone_prob)
+
+
+def world_source(data_cfg, split: str, *, build: bool):
+    """The world split a config's `data` section names; `build` (process 0 of a run) builds it
+    first when missing. An unwritable data_dir is one UserError line, not a traceback."""
+    kw = world_kwargs(data_cfg)
+    if build:
+        try:
+            build_world(data_cfg.data_dir, **kw)
+        except OSError as e:
+            raise UserError(f"data.data_dir={data_cfg.data_dir!r}: cannot build the dataset there "
+                            f"({e.strerror or e})") from None
+    return load_source(data_cfg.data_dir, split, **kw)
+
+
+def captions(source) -> list[str]:
+    """Every caption of a random-access source, in order."""
+    return [decode_text(source[i]["caption"]) for i in range(len(source))]

@@ -30,6 +30,8 @@ import grain
 import jax
 import numpy as np
 
+from sorajax.data import builders
+
 
 def decode_example(ex: dict[str, Any]) -> dict[str, Any]:
     """A raw world example → {"frames": float32 (T, H, W, 3) in [-1, 1], "caption": str,
@@ -38,9 +40,7 @@ def decode_example(ex: dict[str, Any]) -> dict[str, Any]:
     for k, v in ex.items():
         if k == "meta":
             continue
-        if isinstance(v, bytes):
-            v = v.decode("utf-8")
-        out[k] = v
+        out[k] = builders.decode_text(v) if isinstance(v, bytes) else v
     if "frames" in ex:  # latent sources (precomputed VAE latents) carry no frames
         frames = np.asarray(ex["frames"])
         if frames.dtype == np.uint8:

@@ -316,3 +316,58 @@ def caption_from_meta(meta: dict[str, Any]) -> str:
 
 def meta_to_json(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, separators=(",", ":"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation prompts (the world benchmark's fixed prompts, with their ground truth)
+# ----------------------------------------------------------------------------------------------
+
+_EVAL_MOTIONS = ("right", "left", "up", "down", "up-right", "down-left", "up-left", "down-right")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+    caption: str
+    spec: dict[str, Any]
+    seed: int
+
+
+def _make_eval_prompts() -> list[EvalPrompt]:
+    """26 prompts: 3 rounds over the 8 colours, each colour with 3 different directions (all 8
+    directions, all shapes x sizes appear), plus 2 still objects. Plain black background, no
+    occluder."""
+    colors = list(COLORS)
+    sizes = list(SIZES)
+    specs = []
+    for k in range(3):
+        for i, color in enumerate(colors):
+            specs.append({"shape": SHAPES[(i + k) % 3], "color": color,
+                          "size": sizes[(i + k) % 2],
+                          "motion": _EVAL_MOTIONS[(i + 3 * k) % len(_EVAL_MOTIONS)]})
+    specs.append({"shape": "circle", "color": "yellow", "size": "large", "motion": "still"})
+    specs.append({"shape": "triangle", "color": "blue", "size": "small", "motion": "still"})
+    prompts = []
+    for j, obj in enumerate(specs):
+        spec = {"objects": [obj], "background": ["black"], "occluder": False}
+        prompts.append(EvalPrompt(caption_from_meta(spec), spec, 1000 + j))
+    return prompts
+
+
+EVAL_PROMPTS: list[EvalPrompt] = _make_eval_prompts()
+
+
+def render_prompt(prompt: EvalPrompt, cfg: WorldConfig | None = None,
+                  seed_offset: int = 0) -> dict[str, Any]:
+    """Ground-truth clip for an eval prompt at cfg's size. The speed is capped so the straight
+    path fits in the frame (no bounce at any clip length)."""
+    cfg = cfg or WorldConfig()
+    seed = prompt.seed + seed_offset
+    obj = dict(prompt.spec["objects"][0])
+    if obj["motion"] != "still":
+        rng = np.random.default_rng(seed)
+        r = SIZES[obj["size"]] * cfg.scale
+        room = (cfg.scale - 2 * r - 3) * 0.95
+        speed = rng.uniform(*cfg.speed_range) * cfg.scale
+        obj["speed"] = float(min(speed, room / max(cfg.frames - 1, 1)))
+    spec = dict(prompt.spec, objects=[obj])
+    return render_from_spec(spec, seed, dataclasses.replace(cfg, avoid_bounce=True))

@@ -12,14 +12,16 @@ cuDNN want, so no transposes). Backends (`DiTConfig.attention`):
             kernel block and padded keys are masked with segment ids.
   "auto"    let JAX pick (implementation=None).
 A backend unavailable on the running platform (cudnn off GPU or in f32, splash off TPU) falls
-back to "flash" with a one-time warning naming the reason.
+back to "flash" with a one-time warning naming the reason and the fallback.
 
 Context parallelism: when the active mesh (sharding.activation_rules) shards the "length"
 logical axis (default: the "context" mesh axis) over more than one device, self-attention runs
 as `context_parallel` = "ring" (k/v blocks travel around the ring; online softmax) or
 "all_to_all" (heads <-> sequence swap, full-sequence attention on heads/c, swap back); see
 sorajax/models/context_parallel.py. Cross-attention (short text keys) needs neither: its queries
-stay sequence-sharded and the keys are replicated.
+stay sequence-sharded and the keys are replicated. Context parallelism never switches itself
+off: a token count that the context axis does not divide is a ValueError (`unsplit_axes`), not
+a silent fallback to unsharded full attention.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("xla", "flash", "cudnn", "splash", "auto")
 CONTEXT_PARALLEL = ("ring", "all_to_all")
+FALLBACK = "flash"  # what an unavailable backend (splash off TPU, cudnn off GPU / in f32) runs
 _warned: set[str] = set()
 
 
@@ -91,13 +94,14 @@ def _resolve(backend: str, dtype) -> str:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
     platform = _platform()
     if backend == "splash" and platform != "tpu":
-        _warn_once("splash", f"splash attention needs a TPU (running on {platform}); falling back to flash")
-        return "flash"
+        _warn_once(f"splash:{platform}", f"attention backend 'splash' needs a TPU (running on {platform}); "
+                   f"falling back to '{FALLBACK}' (blockwise attention in plain JAX)")
+        return FALLBACK
     if backend == "cudnn" and (platform != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16)):
         _warn_once(f"cudnn:{platform}:{jnp.dtype(dtype)}",
-                   f"cudnn attention needs an NVIDIA GPU and bf16/fp16 (running on {platform}, "
-                   f"{jnp.dtype(dtype)}); falling back to flash")
-        return "flash"
+                   f"attention backend 'cudnn' needs an NVIDIA GPU and bf16/fp16 (running on {platform}, "
+                   f"{jnp.dtype(dtype)}); falling back to '{FALLBACK}' (blockwise attention in plain JAX)")
+        return FALLBACK
     return backend
 
 
@@ -140,6 +144,47 @@ def dot_product_attention(q, k, v, *, backend: str = "xla", mask=None, scale: fl
     return fn(q, k, v)
 
 
+def _spec_axes(spec, dims) -> tuple[str, ...]:
+    """Mesh axes of the PartitionSpec entries at positions `dims`, in order."""
+    out = []
+    for i in dims:
+        entry = spec[i] if i < len(spec) else None
+        out += [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
+    return tuple(out)
+
+
+def unsplit_axes(names, shape, dims) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(wanted, dropped): the mesh axes (size > 1) that the active rules map the logical axes at
+    positions `dims` of `names` to, and those of them that sharding.constrain drops for `shape`
+    because they do not divide it. Both () outside activation_rules."""
+    mesh, _ = sharding.active()
+    if mesh is None or mesh.size == 1:
+        return (), ()
+    free = tuple(None if i in dims else d for i, d in enumerate(shape))  # no divisibility test
+    wanted = _spec_axes(sharding.logical_spec(names, free), dims)
+    kept = _spec_axes(sharding.logical_spec(names, shape), dims)
+    return wanted, tuple(a for a in wanted if a not in kept)
+
+
+def describe_axes(axes) -> tuple[str, int]:
+    """("context=8", 8) for mesh axes of the active mesh ("fsdp=2 x context=4", 8 for two)."""
+    mesh, _ = sharding.active()
+    return " x ".join(f"{a}={mesh.shape[a]}" for a in axes), math.prod(mesh.shape[a] for a in axes)
+
+
+def _check_tokens_split(q_shape):
+    """Context parallelism never switches itself off: raises when the rules shard the token axis
+    but its length does not divide the context devices (sharding.constrain would drop the axis
+    and attention would silently run unsharded, full-sequence, on every device)."""
+    wanted, dropped = unsplit_axes(("batch", "length", "heads", None), q_shape, (1,))
+    if dropped:
+        what, c = describe_axes(wanted)
+        change = " or ".join(f"mesh.{a}" for a in wanted)
+        raise ValueError(
+            f"self-attention over {q_shape[1]} tokens cannot be split over {what} devices: the "
+            f"token count must be a multiple of {c}; change frames/height/width or {change}")
+
+
 def _specs(q_shape):
     """(batch_axes, seq_axes, head_axes) of (B, N, H, D) under the active rules."""
     spec = sharding.logical_spec(("batch", "length", "heads", None), q_shape)
@@ -163,13 +208,15 @@ def self_attention(q, k, v, *, backend: str = "xla", context_parallel: str = "ri
 
     Under sharding.activation_rules with the "length" axis split over c > 1 devices this is
     context-parallel (`context_parallel` = "ring" | "all_to_all"); otherwise it is
-    dot_product_attention with `backend`.
+    dot_product_attention with `backend`. Raises ValueError when the rules split "length" over
+    c > 1 devices but the token count N is not a multiple of c.
     """
     if context_parallel not in CONTEXT_PARALLEL:
         raise ValueError(f"unknown context_parallel {context_parallel!r}; choose from {CONTEXT_PARALLEL}")
     backend = _resolve(backend, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mesh, _ = sharding.active()
+    _check_tokens_split(q.shape)
     b, s, h, _ = _specs(q.shape)
     if mesh is None or s is None:
         return dot_product_attention(q, k, v, backend=backend, scale=scale)

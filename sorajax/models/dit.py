@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import pathlib
 from typing import Any
 
 import jax
@@ -26,8 +24,8 @@ from flax import nnx
 from sorajax import sharding
 from sorajax.errors import UserError, WeightsMismatch
 from sorajax.models.attention import dot_product_attention, self_attention
-
-F32 = jnp.float32
+from sorajax.models.layers import (F32, AffineLayerNorm, TorchRMSNorm, assign, count_params, dense,
+                                   layer_norm, read_config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,53 +77,12 @@ def num_tokens(cfg: DiTConfig, latent_shape) -> int:
 
 def param_count(model) -> int:
     """Number of parameters; works on abstract models from nnx.eval_shape (no allocation)."""
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+    return count_params(model)
 
 
 # ----------------------------------------------------------------------------------------------
-# Small layers and pure functions
+# Timestep embedding and 3D RoPE (norms and dense layers: sorajax/models/layers.py)
 # ----------------------------------------------------------------------------------------------
-def _dense(din, dout, names, cfg, rngs, *, dtype=None):
-    return nnx.Linear(
-        din, dout, dtype=jnp.dtype(dtype or cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
-        rngs=rngs)
-
-
-def layer_norm(x, eps, scale=None, bias=None):
-    """LayerNorm in f32 (diffusers FP32LayerNorm); returns f32."""
-    x = x.astype(F32)
-    mu = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-    y = (x - mu) * jax.lax.rsqrt(var + eps)
-    if scale is not None:
-        y = y * scale.astype(F32) + bias.astype(F32)
-    return y
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim, eps, cfg, *, rngs=None):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), out_sharding=("norm",))
-
-    def __call__(self, x):
-        x32 = x.astype(F32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(F32)).astype(x.dtype)
-
-
-class AffineLayerNorm(nnx.Module):
-    def __init__(self, dim, eps, cfg, *, rngs=None):
-        self.eps = eps
-        pd = jnp.dtype(cfg.param_dtype)
-        self.scale = nnx.Param(jnp.ones((dim,), pd), out_sharding=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), pd), out_sharding=("norm",))
-
-    def __call__(self, x):
-        return layer_norm(x, self.eps, self.scale[...], self.bias[...])
-
-
 def timestep_embedding(t, dim, max_period=10000.0):
     """Sinusoidal embedding, diffusers Timesteps(flip_sin_to_cos=True, shift=0): (...) -> (..., dim)."""
     half = dim // 2
@@ -181,12 +138,12 @@ class WanAttention(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, rngs):
         d = cfg.dim
         self.cfg = cfg
-        self.to_q = _dense(d, d, ("embed", "heads"), cfg, rngs)
-        self.to_k = _dense(d, d, ("embed", "heads"), cfg, rngs)
-        self.to_v = _dense(d, d, ("embed", "heads"), cfg, rngs)
-        self.to_out = _dense(d, d, ("heads", "embed"), cfg, rngs)
-        self.norm_q = RMSNorm(d, cfg.eps, cfg) if cfg.qk_norm else None
-        self.norm_k = RMSNorm(d, cfg.eps, cfg) if cfg.qk_norm else None
+        self.to_q = dense(d, d, ("embed", "heads"), cfg, rngs)
+        self.to_k = dense(d, d, ("embed", "heads"), cfg, rngs)
+        self.to_v = dense(d, d, ("embed", "heads"), cfg, rngs)
+        self.to_out = dense(d, d, ("heads", "embed"), cfg, rngs)
+        self.norm_q = TorchRMSNorm(d, cfg.eps, cfg) if cfg.qk_norm else None
+        self.norm_k = TorchRMSNorm(d, cfg.eps, cfg) if cfg.qk_norm else None
 
     def __call__(self, x, context=None, rope=None):
         cfg = self.cfg
@@ -217,8 +174,8 @@ class WanBlock(nnx.Module):
         self.attn1 = WanAttention(cfg, rngs=rngs)
         self.attn2 = WanAttention(cfg, rngs=rngs)
         self.norm2 = AffineLayerNorm(d, cfg.eps, cfg) if cfg.cross_attn_norm else None
-        self.ffn_in = _dense(d, cfg.ffn_dim, ("embed", "mlp"), cfg, rngs)
-        self.ffn_out = _dense(cfg.ffn_dim, d, ("mlp", "embed"), cfg, rngs)
+        self.ffn_in = dense(d, cfg.ffn_dim, ("embed", "mlp"), cfg, rngs)
+        self.ffn_out = dense(cfg.ffn_dim, d, ("mlp", "embed"), cfg, rngs)
         init = jax.random.normal(rngs.params(), (1, 6, d), F32) / math.sqrt(d)
         self.scale_shift_table = nnx.Param(init.astype(jnp.dtype(cfg.param_dtype)),
                                            out_sharding=(None, "modulation", "embed"))
@@ -295,15 +252,15 @@ class WanDiT(nnx.Module):
         if cfg.attention_head_dim % 2 or min(cfg.rope_split) <= 0:
             raise ValueError(f"attention_head_dim {cfg.attention_head_dim} cannot be split for 3D RoPE")
         # Conv3d with kernel = stride = patch, as a dense over the flattened (pt, ph, pw, C) patch.
-        self.patch_embedding = _dense(p * cfg.in_channels, d, ("conv_in", "embed"), cfg, rngs)
+        self.patch_embedding = dense(p * cfg.in_channels, d, ("conv_in", "embed"), cfg, rngs)
         # Time MLP kept in f32 like diffusers (time_embedder is in _keep_in_fp32_modules).
-        self.time_embedder_1 = _dense(cfg.freq_dim, d, (None, "mlp"), cfg, rngs, dtype=F32)
-        self.time_embedder_2 = _dense(d, d, ("mlp", "embed"), cfg, rngs, dtype=F32)
-        self.time_proj = _dense(d, 6 * d, ("embed", "mlp"), cfg, rngs)  # -> 6 modulation slots
-        self.text_embedder_1 = _dense(cfg.text_dim, d, ("embed", "mlp"), cfg, rngs)
-        self.text_embedder_2 = _dense(d, d, ("mlp", "embed"), cfg, rngs)
+        self.time_embedder_1 = dense(cfg.freq_dim, d, (None, "mlp"), cfg, rngs, dtype=F32)
+        self.time_embedder_2 = dense(d, d, ("mlp", "embed"), cfg, rngs, dtype=F32)
+        self.time_proj = dense(d, 6 * d, ("embed", "mlp"), cfg, rngs)  # -> 6 modulation slots
+        self.text_embedder_1 = dense(cfg.text_dim, d, ("embed", "mlp"), cfg, rngs)
+        self.text_embedder_2 = dense(d, d, ("mlp", "embed"), cfg, rngs)
         self.blocks = nnx.List([WanBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.proj_out = _dense(d, p * cfg.out_channels, ("embed", "conv_out"), cfg, rngs)
+        self.proj_out = dense(d, p * cfg.out_channels, ("embed", "conv_out"), cfg, rngs)
         init = jax.random.normal(rngs.params(), (1, 2, d), F32) / math.sqrt(d)
         self.scale_shift_table = nnx.Param(init.astype(jnp.dtype(cfg.param_dtype)),
                                            out_sharding=(None, "modulation", "embed"))
@@ -362,11 +319,7 @@ class WanDiT(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 def config_from_diffusers(config_json, **overrides) -> DiTConfig:
     """DiTConfig from a diffusers config (dict, config.json path, or model folder)."""
-    if not isinstance(config_json, dict):
-        path = pathlib.Path(config_json)
-        path = path / "config.json" if path.is_dir() else path
-        config_json = json.loads(path.read_text())
-    c = config_json
+    c = read_config(config_json)
     name = c.get("_class_name", "WanTransformer3DModel")
     if name != "WanTransformer3DModel":
         raise UserError(f"expected a WanTransformer3DModel config, got {name}")
@@ -467,10 +420,7 @@ def load_diffusers(model: WanDiT, reader) -> None:
         if tuple(arr.shape) != want:
             bad.append(f"{name}: checkpoint {tuple(arr.shape)} vs model {want}")
             continue
-        cur = var.get_value()  # a jax.Array, or a ShapeDtypeStruct for a model from nnx.eval_shape
-        value = jnp.asarray(_to_ours(arr, kind), dtype=cur.dtype)
-        sharding = getattr(cur, "sharding", None)
-        var.set_value(jax.device_put(value, sharding) if sharding is not None else value)
+        assign(var, _to_ours(arr, kind))
     if bad:
         raise WeightsMismatch("Wan DiT weights", shape_mismatch=bad)
 

@@ -18,9 +18,7 @@ channels-last: kernels are (in, out), i.e. torch's ``weight.T``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import pathlib
 from typing import Any
 
 import jax
@@ -29,8 +27,7 @@ import numpy as np
 from flax import nnx
 
 from sorajax.errors import WeightsMismatch
-
-Array = jax.Array
+from sorajax.models.layers import Array, T5LayerNorm, assign, count_params, param, read_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,29 +73,9 @@ def _normal(std):
     return nnx.initializers.normal(stddev=std)
 
 
-def _param(rngs: nnx.Rngs, init, shape, names, cfg: TextConfig) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)), out_sharding=names)
-
-
 # ----------------------------------------------------------------------------------------------
-# Layers.
+# Layers (the norm, T5LayerNorm, and `param` live in sorajax/models/layers.py).
 # ----------------------------------------------------------------------------------------------
-class RMSNorm(nnx.Module):
-    """T5 LayerNorm: x / rms(x) * scale, statistics in f32, no mean subtraction, no bias."""
-
-    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
-        del rngs
-        self.eps = cfg.layer_norm_epsilon
-        self.dtype = jnp.dtype(cfg.dtype)
-        self.weight = nnx.Param(jnp.ones((cfg.d_model,), jnp.dtype(cfg.param_dtype)), out_sharding=("norm",))
-
-    def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)  # (B, L, 1)
-        y = x32 * jax.lax.rsqrt(var + self.eps)
-        return (self.weight[...].astype(jnp.float32) * y).astype(self.dtype)
-
-
 def relative_position_buckets(rel: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
     """Bidirectional T5 bucketing of ``rel = key_pos - query_pos`` (host-side, static shapes).
 
@@ -124,12 +101,12 @@ class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, has_bias: bool, rngs: nnx.Rngs):
         d, h, dk = cfg.d_model, cfg.num_heads, cfg.d_kv
         self.cfg = cfg
-        self.q = _param(rngs, _normal((d * dk) ** -0.5), (d, h * dk), ("embed", "heads"), cfg)
-        self.k = _param(rngs, _normal(d**-0.5), (d, h * dk), ("embed", "heads"), cfg)
-        self.v = _param(rngs, _normal(d**-0.5), (d, h * dk), ("embed", "heads"), cfg)
-        self.o = _param(rngs, _normal((h * dk) ** -0.5), (h * dk, d), ("heads", "embed"), cfg)
+        self.q = param(rngs, _normal((d * dk) ** -0.5), (d, h * dk), ("embed", "heads"), cfg)
+        self.k = param(rngs, _normal(d**-0.5), (d, h * dk), ("embed", "heads"), cfg)
+        self.v = param(rngs, _normal(d**-0.5), (d, h * dk), ("embed", "heads"), cfg)
+        self.o = param(rngs, _normal((h * dk) ** -0.5), (h * dk, d), ("heads", "embed"), cfg)
         self.relative_attention_bias = (
-            _param(rngs, _normal(d**-0.5), (cfg.relative_attention_num_buckets, h), ("rel_buckets", None), cfg)
+            param(rngs, _normal(d**-0.5), (cfg.relative_attention_num_buckets, h), ("rel_buckets", None), cfg)
             if has_bias else None
         )
 
@@ -170,11 +147,11 @@ class FeedForward(nnx.Module):
         if cfg.activation not in _ACTIVATIONS:
             raise ValueError(f"unsupported feed_forward_proj {cfg.feed_forward_proj!r}")
         if cfg.is_gated:
-            self.wi_0 = _param(rngs, _normal(d**-0.5), (d, f), ("embed", "mlp"), cfg)
-            self.wi_1 = _param(rngs, _normal(d**-0.5), (d, f), ("embed", "mlp"), cfg)
+            self.wi_0 = param(rngs, _normal(d**-0.5), (d, f), ("embed", "mlp"), cfg)
+            self.wi_1 = param(rngs, _normal(d**-0.5), (d, f), ("embed", "mlp"), cfg)
         else:
-            self.wi = _param(rngs, _normal(d**-0.5), (d, f), ("embed", "mlp"), cfg)
-        self.wo = _param(rngs, _normal(f**-0.5), (f, d), ("mlp", "embed"), cfg)
+            self.wi = param(rngs, _normal(d**-0.5), (d, f), ("embed", "mlp"), cfg)
+        self.wo = param(rngs, _normal(f**-0.5), (f, d), ("mlp", "embed"), cfg)
 
     def __call__(self, x: Array) -> Array:
         dt = jnp.dtype(self.cfg.dtype)
@@ -188,9 +165,9 @@ class FeedForward(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: TextConfig, *, has_bias: bool, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg, rngs=rngs)
+        self.attn_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, cfg)
         self.attn = Attention(cfg, has_bias=has_bias, rngs=rngs)
-        self.ffn_norm = RMSNorm(cfg, rngs=rngs)
+        self.ffn_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, cfg)
         self.ffn = FeedForward(cfg, rngs=rngs)
 
     def __call__(self, x: Array, bias: Array, key_mask: Array) -> Array:
@@ -206,11 +183,11 @@ class UMT5Encoder(nnx.Module):
 
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = _param(rngs, _normal(1.0), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        self.embed = param(rngs, _normal(1.0), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
         self.blocks = nnx.List(
             [Block(cfg, has_bias=cfg.per_layer_position_bias or i == 0, rngs=rngs) for i in range(cfg.num_layers)]
         )
-        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        self.final_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, cfg)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         dt = jnp.dtype(self.cfg.dtype)
@@ -239,7 +216,7 @@ def param_count(model_or_cfg) -> int:
     model = model_or_cfg
     if isinstance(model_or_cfg, TextConfig):
         model = nnx.eval_shape(lambda: UMT5Encoder(model_or_cfg, rngs=nnx.Rngs(0)))
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return count_params(model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,10 +224,7 @@ def param_count(model_or_cfg) -> int:
 # ----------------------------------------------------------------------------------------------
 def config_from_transformers(config_json, **overrides) -> TextConfig:
     """TextConfig from a transformers T5/UMT5 config (dict, config.json path or its folder)."""
-    if not isinstance(config_json, dict):
-        p = pathlib.Path(config_json)
-        config_json = json.loads((p / "config.json" if p.is_dir() else p).read_text())
-    c = config_json
+    c = read_config(config_json)
     model_type = c.get("model_type", "umt5")
     if model_type not in ("umt5", "t5", "mt5"):
         raise ValueError(f"not a T5-family text encoder config (model_type={model_type!r})")
@@ -308,17 +282,14 @@ def load_transformers(model: UMT5Encoder, reader, *, ignore_prefixes=()) -> None
     if missing or unexpected:
         raise WeightsMismatch("text encoder", missing=missing, unexpected=unexpected)
     bad = []
-    for name, (param, transpose) in expected.items():
+    for name, (var, transpose) in expected.items():
         arr = np.asarray(reader[name])
         if transpose:
             arr = arr.T
-        if tuple(arr.shape) != tuple(param.shape):
-            bad.append(f"{name}: checkpoint {tuple(arr.shape)} vs model {tuple(param.shape)}")
+        if tuple(arr.shape) != tuple(var.shape):
+            bad.append(f"{name}: checkpoint {tuple(arr.shape)} vs model {tuple(var.shape)}")
             continue
-        old = param.get_value()  # a jax.Array, or a ShapeDtypeStruct for an abstract model
-        new = jnp.asarray(arr, dtype=old.dtype)
-        sharding = getattr(old, "sharding", None)
-        param.set_value(jax.device_put(new, sharding) if sharding is not None else new)
+        assign(var, arr)
     if bad:
         raise WeightsMismatch("text encoder", shape_mismatch=bad)
 

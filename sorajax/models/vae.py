@@ -15,8 +15,9 @@ Under `sharding.activation_rules` every (B, T, H, W, C) activation, the feature 
 is constrained to ("batch", "time", "height", "width", channels unsharded): with the default rules
 rows are split over the "context" mesh axis, so XLA partitions each 3x3 convolution spatially and
 exchanges one-row halos between neighbours (collective-permute) instead of gathering frames. Only the
-mid-block's per-frame attention gathers its keys/values (queries stay row-sharded). Outside
-activation_rules every constraint is a no-op.
+mid-block's per-frame attention gathers its keys/values (queries stay row-sharded). Where rows
+do not divide, columns are split instead; a level where neither divides raises ValueError rather
+than silently running unsharded. Outside activation_rules every constraint is a no-op.
 
 The parameter tree mirrors diffusers' module names, so `load_diffusers` maps names one to one.
 """
@@ -33,8 +34,8 @@ from flax import nnx
 
 from sorajax import sharding
 from sorajax.errors import WeightsMismatch
-
-Array = jax.Array
+from sorajax.models.attention import describe_axes, unsplit_axes
+from sorajax.models.layers import Array, L2ChannelNorm, assign
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +86,19 @@ _FRAMES = ("batch", "time", None, None, None)  # whole frames on every device (a
 def _shard(x: Array) -> Array:
     """Keeps a (B, T, H, W, C) activation sharded over batch and rows (no-op outside
     sharding.activation_rules). Applied at every conv / block boundary so the SPMD partitioner
-    never picks a replicated layout for a convolution and exchanges halos instead."""
+    never picks a replicated layout for a convolution and exchanges halos instead.
+
+    Rows that the context axis does not divide fall back to columns (the default rules map both
+    to "context"; a mesh axis is used once per array). When neither divides, the sequence split
+    would silently switch off for this level (replicated, computed on every device): ValueError."""
+    wanted, dropped = unsplit_axes(_ROWS, x.shape, (2, 3))
+    if dropped:
+        what, c = describe_axes(wanted)
+        raise ValueError(
+            f"the sequence-sharded VAE cannot split a {x.shape[2]}x{x.shape[3]} (rows x columns) "
+            f"activation over {what} devices: at every VAE resolution (height and width divided "
+            f"by 1, 2, 4, ...) the rows or the columns must be a multiple of {c}; change "
+            f"height/width or " + " or ".join(f"mesh.{a}" for a in wanted))
     return sharding.constrain(x, _ROWS)
 
 
@@ -187,25 +200,11 @@ class CausalConv3d(Conv):
         return _shard(super().__call__(x, [(0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)]))
 
 
-class RMSNorm(nnx.Module):
-    """diffusers WanRMS_norm: x / max(|x|_2, 1e-12) over channels * sqrt(C) * gamma."""
-
-    def __init__(self, dim: int, *, cfg: VAEConfig):
-        self.gamma = nnx.Param(jnp.ones((dim,), cfg.param_dtype), out_sharding=("norm",))
-        self.scale = math.sqrt(dim)
-
-    def __call__(self, x: Array) -> Array:
-        xf = x.astype(jnp.float32)
-        ss = jnp.sum(xf * xf, axis=-1, keepdims=True)
-        y = xf * jax.lax.rsqrt(jnp.maximum(ss, 1e-24))
-        return (y * self.scale * self.gamma[...].astype(jnp.float32)).astype(x.dtype)
-
-
 class ResidualBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, *, cfg: VAEConfig, rngs: nnx.Rngs):
-        self.norm1 = RMSNorm(cin, cfg=cfg)
+        self.norm1 = L2ChannelNorm(cin, cfg=cfg)
         self.conv1 = CausalConv3d(cin, cout, (3, 3, 3), cfg=cfg, rngs=rngs)
-        self.norm2 = RMSNorm(cout, cfg=cfg)
+        self.norm2 = L2ChannelNorm(cout, cfg=cfg)
         self.conv2 = CausalConv3d(cout, cout, (3, 3, 3), cfg=cfg, rngs=rngs)
         self.conv_shortcut = CausalConv3d(cin, cout, (1, 1, 1), cfg=cfg, rngs=rngs) if cin != cout else None
 
@@ -221,7 +220,7 @@ class AttentionBlock(nnx.Module):
     """Single-head self-attention within each frame (2D), as diffusers' WanAttentionBlock."""
 
     def __init__(self, dim: int, *, cfg: VAEConfig, rngs: nnx.Rngs):
-        self.norm = RMSNorm(dim, cfg=cfg)
+        self.norm = L2ChannelNorm(dim, cfg=cfg)
         self.to_qkv = Conv(dim, 3 * dim, (1, 1), cfg=cfg, rngs=rngs)
         self.proj = Conv(dim, dim, (1, 1), cfg=cfg, rngs=rngs)
 
@@ -334,7 +333,7 @@ class Encoder3d(nnx.Module):
                 blocks.append(Resample(cout, mode, cfg=cfg, rngs=rngs))
         self.down_blocks = nnx.List(blocks)
         self.mid_block = MidBlock(dims[-1], cfg=cfg, rngs=rngs)
-        self.norm_out = RMSNorm(dims[-1], cfg=cfg)
+        self.norm_out = L2ChannelNorm(dims[-1], cfg=cfg)
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, (3, 3, 3), cfg=cfg, rngs=rngs)
 
     def __call__(self, x: Array, cache: _Cache) -> Array:  # (B, 1 or r, H, W, 3) -> (B, 1, h, w, 2z)
@@ -358,7 +357,7 @@ class Decoder3d(nnx.Module):
             mode = None if i == n - 1 else ("upsample3d" if t_up[i] else "upsample2d")
             blocks.append(UpBlock(cin, cout, mode, cfg=cfg, rngs=rngs))
         self.up_blocks = nnx.List(blocks)
-        self.norm_out = RMSNorm(dims[-1], cfg=cfg)
+        self.norm_out = L2ChannelNorm(dims[-1], cfg=cfg)
         self.conv_out = CausalConv3d(dims[-1], 3, (3, 3, 3), cfg=cfg, rngs=rngs)
 
     def __call__(self, z: Array, cache: _Cache) -> Array:  # (B, 1, h, w, z) -> (B, 1 or r, H, W, 3)
@@ -523,10 +522,7 @@ def load_diffusers(model: WanVAE, reader) -> None:
     if missing or unexpected or bad:
         raise WeightsMismatch("Wan VAE weights", missing, unexpected, bad)
     for name, a in values.items():
-        var = table[name][0]
-        value = jnp.asarray(a, var.dtype)
-        sharding = getattr(var.get_value(), "sharding", None)  # keep a sharded model sharded
-        var.set_value(value if sharding is None else jax.device_put(value, sharding))
+        assign(table[name][0], a)  # keeps a sharded model sharded
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax.numpy as jnp
 from flax import nnx
 
@@ -38,11 +39,11 @@ def _replace(cfg, overrides, what):
 
 def model_configs(config, vocab_size: int | None = None):
     """(vae_cfg, dit_cfg, text_cfg) for a run config."""
-    vae_cfg = _replace(_variant(vae_lib.VARIANTS, config.vae.variant, "vae"), config.vae.get("overrides"), "vae")
-    text_cfg = _replace(_variant(text_lib.VARIANTS, config.text.variant, "text"), config.text.get("overrides"), "text")
+    vae_cfg = _replace(_variant(vae_lib.VARIANTS, config.vae.variant, "vae"), config.vae.overrides, "vae")
+    text_cfg = _replace(_variant(text_lib.VARIANTS, config.text.variant, "text"), config.text.overrides, "text")
     if vocab_size is not None:
         text_cfg = dataclasses.replace(text_cfg, vocab_size=int(vocab_size))
-    dit_cfg = _replace(_variant(dit_lib.VARIANTS, config.dit.variant, "dit"), config.dit.get("overrides"), "dit")
+    dit_cfg = _replace(_variant(dit_lib.VARIANTS, config.dit.variant, "dit"), config.dit.overrides, "dit")
     dit_cfg = dataclasses.replace(dit_cfg, in_channels=vae_cfg.z_dim, out_channels=vae_cfg.z_dim,
                                   text_dim=text_cfg.d_model)
     return vae_cfg, dit_cfg, text_cfg
@@ -56,21 +57,31 @@ class VideoModel(nnx.Module):
         self.dit = dit_lib.WanDiT(dit_cfg, rngs=rngs)
         self.text = text_lib.UMT5Encoder(text_cfg, rngs=rngs)
 
+    # The module boundaries the trainer and sampler cross: shapes are checked at trace time
+    # (chex asserts cost nothing in the compiled program).
     def encode_text(self, ids, mask):
         """Token ids (B, L) -> DiT context (B, L, D): padded positions are zeros, as in Wan."""
+        chex.assert_rank([ids, mask], 2)
+        chex.assert_equal_shape([ids, mask])
         return text_lib.encode_prompts(self.text, ids, mask)
 
     def velocity(self, latents, sigma, context):
         """v(x_sigma) for latents (B, t, h, w, z) and sigma (B,) or per-token (B, N)."""
+        chex.assert_rank(latents, 5)
+        chex.assert_rank(context, 3)
+        chex.assert_equal_shape_prefix([latents, sigma, context], 1)
         return self.dit(latents, sigma * 1000.0, context)
 
     def encode_video(self, frames):
         """Pixels (B, T, H, W, 3) in [-1, 1] -> normalized latent means (B, t, h, w, z)."""
+        chex.assert_rank(frames, 5)
+        chex.assert_axis_dimension(frames, 4, 3)
         mean, _ = self.vae.encode(frames)
         return self.vae.normalize(mean)
 
     def decode_latents(self, latents):
-        """Normalized latents -> pixels in [-1, 1]."""
+        """Normalized latents (B, t, h, w, z) -> pixels (B, T, H, W, 3) in [-1, 1]."""
+        chex.assert_rank(latents, 5)
         return self.vae.decode(self.vae.denormalize(latents))
 
 
@@ -82,7 +93,7 @@ def build_abstract(config, vocab_size=None):
 def trainable_filter(config):
     """NNX filter of the parameters the DiT stage trains: the DiT, and the text encoder when the
     run trains its own (toy runs) rather than loading a frozen pretrained one."""
-    prefixes = ("dit", "text") if config.text.get("trainable", False) else ("dit",)
+    prefixes = ("dit", "text") if config.text.trainable else ("dit",)
 
     def f(path, value):
         return isinstance(value, nnx.Param) and len(path) > 0 and path[0] in prefixes

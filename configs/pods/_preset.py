@@ -1,24 +1,14 @@
-"""Shared by the pod presets in this folder (not a config itself): loads a top-level config and
-applies a preset's scale settings, or the preset's tiny `runlocal` variant."""
-import importlib.util
-import os
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def load(name: str, arg: str = ""):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, "..", name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+"""Shared by the pod presets in this folder (not a config itself): a top-level config at a
+preset's scale, or the preset's tiny `runlocal` variant."""
+import importlib
 
 
 def preset(base: str, arg: str, *, frames, height, width, batch, mesh: dict, dit: dict, runlocal_mesh: dict):
-    """The base config at pod scale, or (arg == "runlocal") its tiny variant with the preset's
+    """configs/BASE.py at pod scale, or (arg == "runlocal") its tiny variant with the preset's
     parallelism knobs on fake CPU devices: same code paths, seconds to run."""
     if arg not in ("", "runlocal"):
         raise ValueError(f"unknown config argument {arg!r} (known: runlocal)")
-    c = load(base, arg)
+    c = importlib.import_module(f"configs.{base}").get_config(arg)
     full = dict(data=1, fsdp=1, context=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_context=1, dcn_tensor=1)
     if arg == "runlocal":
         c.mesh.update(dict(full, **runlocal_mesh))
@@ -26,7 +16,7 @@ def preset(base: str, arg: str, *, frames, height, width, batch, mesh: dict, dit
                                                    if k in ("context_parallel", "scan_layers", "remat")})
         return c
     c.data.update(frames=frames, height=height, width=width)
-    c.train.batch_size = batch
+    c.dit_train.batch_size = batch
     c.mesh.update(dict(full, **mesh))
     c.dit.overrides = dict(c.dit.overrides, **dit)
     # Latents and text are precomputed/frozen at this scale: the step trains the DiT only.

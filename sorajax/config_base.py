@@ -1,0 +1,121 @@
+"""The one declared config: every key a sorajax config may set, with its default and meaning.
+
+Every file in configs/ starts from `get_config()` here and changes values; it never adds keys.
+`config_lib.load_config` checks that (an undeclared key is one `error:` line, exit 2), and
+`--config.KEY=VALUE` accepts exactly these keys. The defaults are the toy model of `make demo`
+(configs/toy.py), so the small case reads top to bottom without indirection.
+
+The model sections' `overrides` are the only free-form dicts: their keys are the fields of the
+model dataclasses (VAEConfig, DiTConfig, TextConfig in sorajax/models/), checked by
+`models.video.model_configs` before anything is built.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Stage sections: config[STAGE + "_train"] holds the settings of stage STAGE.
+STAGE_SECTIONS = {"vae": "vae_train", "dit": "dit_train"}
+
+
+def _stage_section(**changes) -> ml_collections.ConfigDict:
+    """The settings every training stage has (optimizer, loop, checkpoints, numerics)."""
+    s = ml_collections.ConfigDict()
+    s.steps = 1000  # optimizer steps of this stage
+    s.batch_size = 32  # global batch (all processes and devices together)
+    s.grad_accum = 1  # micro-batches per step (batch_size must divide by data-parallel x this)
+    s.lr = 1e-3  # peak learning rate (linear warm-up, cosine decay to 5% of it)
+    s.warmup_steps = 100  # linear warm-up steps from lr 0
+    s.weight_decay = 0.0  # AdamW decoupled weight decay
+    s.grad_clip = 1.0  # global gradient-norm clip
+    s.b1 = 0.9  # Adam beta1
+    s.b2 = 0.99  # Adam beta2
+    s.ema_decay = 0.0  # EMA of the trained weights (warm-up min(d, (1+t)/(10+t))); 0 = EMA = weights
+    s.log_every = 50  # steps between metrics.jsonl / TensorBoard rows
+    s.ckpt_every = 250  # steps between Orbax checkpoints (the last step always saves)
+    s.keep_checkpoints = 3  # newest checkpoints kept on disk
+    s.max_nonfinite_in_a_row = 20  # NaN/Inf updates are skipped; this many in a row stop the run
+    # Testing knob (fault injection, docs/RELIABILITY.md): the gradients of these 1-based steps are
+    # multiplied by NaN. Leave empty: then the step is not changed at all.
+    s.inject_nonfinite_steps = ()
+    s.update(changes)
+    return s
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameter init, data order and training noise (sampling has its own --seed)
+    c.stages = ("vae", "dit")  # trained in order into one workdir; a finished stage is skipped
+    c.init_from = ""  # a converted or trained checkpoint dir to start every weight from (fine-tuning)
+
+    # -- data: the synthetic world (sorajax/data/world.py) as TFDS array_record under data_dir.
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = "data"  # where the dataset is built (once) and read
+    c.data.frames = 9  # frames per clip: 1 + (VAE temporal stride) k
+    c.data.height = 32  # pixels; a multiple of VAE spatial stride x DiT patch
+    c.data.width = 32  # pixels; likewise
+    c.data.num_train = 4096  # training clips
+    c.data.num_eval = 64  # evaluation-split clips
+    c.data.seed = 0  # world rendering seed (clip i of a split is a pure function of it)
+    c.data.min_objects = 1  # objects per clip, at least
+    c.data.max_objects = 1  # objects per clip, at most
+    c.data.occluder_prob = 0.0  # chance of a static occluder bar in a clip
+    c.data.two_tone_prob = 0.0  # chance of a two-colour background
+
+    # -- models: a variant from the model file's VARIANTS table plus dataclass field overrides.
+    c.vae = ml_collections.ConfigDict()
+    c.vae.variant = "toy"  # sorajax/models/vae.py VARIANTS
+    c.vae.overrides = {}  # VAEConfig fields (latents_mean/std are written here by normalize_latents)
+    c.vae.precompute_latents = True  # DiT stage: encode the training clips once with the frozen VAE
+    # After the VAE stage, measure its latents' per-channel mean/std and store them in
+    # vae.overrides (latents_mean/latents_std), as Wan ships them for its VAE.
+    c.vae.normalize_latents = True
+    c.dit = ml_collections.ConfigDict()
+    c.dit.variant = "toy"  # sorajax/models/dit.py VARIANTS
+    c.dit.overrides = {}  # DiTConfig fields (attention, context_parallel, remat, scan_layers, dtype, ...)
+    c.text = ml_collections.ConfigDict()
+    c.text.variant = "toy"  # sorajax/models/text.py VARIANTS
+    c.text.overrides = {}  # TextConfig fields
+    c.text.vocab_size = 192  # sentencepiece vocabulary trained on the captions (upper bound)
+    c.text.max_length = 24  # prompt tokens incl. </s>; longer prompts are truncated with a warning
+    c.text.trainable = True  # train the text encoder with the DiT (toy) or keep it frozen (pretrained)
+    c.text.tokenizer = ""  # an existing spiece.model / tokenizer.json (or its folder); "" = train one
+    c.text.vocab_from_tokenizer = True  # the encoder's vocabulary size follows the tokenizer's
+
+    # -- stages.
+    c.vae_train = _stage_section(
+        steps=800, batch_size=8, lr=2e-3, warmup_steps=50, ckpt_every=200)
+    c.vae_train.kl_weight = 1e-6  # KL of the latent posterior
+    c.vae_train.fg_weight = 10.0  # extra loss weight on object pixels (stages.VAEStage.loss)
+    c.vae_train.clip_frames = 0  # >0: train on the first N = 1 + 4k frames only
+    c.vae_train.sample_posterior = False  # False: deterministic autoencoder (learns faster on CPU)
+    c.dit_train = _stage_section(
+        steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, weight_decay=0.01, ema_decay=0.999)
+    c.dit_train.text_dropout = 0.1  # captions replaced by "" (the unconditional branch of CFG)
+    c.dit_train.sample_at_end = True  # sample eval prompts into WORKDIR/samples + TensorBoard
+
+    # -- rectified flow (sorajax/flow.py).
+    c.flow = ml_collections.ConfigDict()
+    c.flow.logit_mean = 0.0  # logit-normal training noise levels: mean
+    c.flow.logit_std = 1.0  # and standard deviation
+    c.flow.shift = 1.0  # time shift of the training noise levels (> 1: more time at high noise)
+
+    # -- sampling defaults (sorajax.sample, sorajax.evaluate, end-of-training samples).
+    c.sample = ml_collections.ConfigDict()
+    c.sample.steps = 25  # denoising steps
+    # guidance 8: measured on the demo run, 26 eval prompts: colour 0.92 / direction 0.81 (seed 0)
+    # vs 0.92 / 0.65 at guidance 4 and 0.88 / 0.73 at 6.
+    c.sample.guidance = 8.0  # classifier-free guidance scale (1 = off, 0 = unconditional)
+    c.sample.shift = 1.0  # time shift of the sampling schedule
+    c.sample.solver = "euler"  # euler | heun | unipc
+    c.sample.negative_prompt = ""  # text of the unconditional branch
+
+    # -- mesh (sorajax/sharding.py): devices per axis (-1 = all remaining), DCN sizes for slices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1,
+                                            dcn_data=1, dcn_fsdp=1, dcn_context=1, dcn_tensor=1))
+    c.sharding_rules = None  # None: sorajax.sharding.DEFAULT_RULES; else (logical, mesh axes) pairs
+
+    # -- provenance of converted checkpoints (scripts/convert_diffusers.py writes it).
+    c.source = ml_collections.ConfigDict()
+    c.source.diffusers = ""  # the diffusers folder the weights came from
+    c.source.scheduler = ""  # its scheduler class
+    return c

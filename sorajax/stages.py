@@ -1,0 +1,353 @@
+"""Training stages: what one stage trains, on what data, with which loss.
+
+`train.run_stage` drives any `Stage` with one loop (sharded state, jitted step, checkpoints,
+metrics). A stage says, through the abstract methods below, which model it builds, which of its
+parameters train, its loss, and its data; the optional hooks cover the rest (per-example text
+encoding, fresh-run initialisation, work at the end). Stages shipped:
+
+  "vae": the causal video VAE on pixels (reconstruction + KL), into RUN/vae;
+  "dit": the DiT (and a toy text encoder) with rectified flow on the frozen VAE's latents, into RUN.
+
+A new stage (e.g. a distillation stage) is a subclass, an entry in STAGES and a section
+`NAME_train` declared in sorajax/config_base.py.
+"""
+from __future__ import annotations
+
+import abc
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sorajax import checkpoint as ckpt_lib
+from sorajax import config_base, flow, inference, latents, sharding, video_io
+from sorajax import tokenizer as tok_lib
+from sorajax.data import builders
+from sorajax.data import world as world_lib
+from sorajax.errors import RunFailed, UserError
+from sorajax.models import video
+from sorajax.models.vae import WanVAE
+from sorajax.train_state import Trainer
+
+
+class Stage(abc.ABC):
+    """One training stage. `tcfg` is its config section (config_base.STAGE_SECTIONS)."""
+
+    name: str  # "vae", "dit", ...: the key in config.stages
+    data_seed_offset: int = 0  # data order seed = config.seed + this
+
+    def __init__(self, config, run_dir: str):
+        self.config = config
+        self.run_dir = run_dir
+        self.section = config_base.STAGE_SECTIONS[self.name]
+        self.tcfg = config[self.section]
+
+    # -- what every stage must say -------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def workdir(self) -> str:
+        """Where this stage's checkpoints, metrics.jsonl and TensorBoard events go."""
+
+    @abc.abstractmethod
+    def build(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The model (all of it: trained and frozen parts)."""
+
+    @abc.abstractmethod
+    def trainable(self):
+        """NNX filter of the parameters this stage trains; the rest of the model is frozen."""
+
+    @abc.abstractmethod
+    def loss(self, model, batch: dict, key) -> tuple[jax.Array, dict]:
+        """(scalar loss, aux metrics) of a global batch; traced inside the jitted step."""
+
+    @abc.abstractmethod
+    def source(self, mesh):
+        """Random-access training examples (len() and [i]) for the Grain pipeline."""
+
+    # -- optional hooks --------------------------------------------------------------------------
+    def transform(self, example: dict) -> dict:
+        """Per example, before batching (host side)."""
+        return example
+
+    def local_batch(self, batch: dict) -> dict:
+        """This process's rows of a batch, before they become a global array."""
+        return batch
+
+    def prepare(self, mesh) -> None:
+        """Work before the trainer is built (every run, resumed or not, finished or not)."""
+
+    def init_state(self, state: dict, trainer: Trainer, mesh) -> dict:
+        """A fresh run's state (not called on resume): e.g. load pretrained or frozen weights."""
+        return state
+
+    def meta(self) -> dict:
+        """JSON metadata saved with every checkpoint."""
+        return {}
+
+    def on_end(self, state: dict, trainer: Trainer, writer, step: int) -> None:
+        """After the last step's checkpoint, on every process."""
+
+
+def stage_done(stage: Stage) -> bool:
+    steps = ckpt_lib.list_steps(os.path.join(stage.workdir, "checkpoints"))
+    return bool(steps) and steps[-1] >= stage.tcfg.steps
+
+
+# ==============================================================================================
+# VAE.
+# ==============================================================================================
+class VAEStage(Stage):
+    name = "vae"
+
+    def __init__(self, config, run_dir):
+        super().__init__(config, run_dir)
+        self.vae_cfg, _, _ = video.model_configs(config)
+
+    @property
+    def workdir(self):
+        return os.path.join(self.run_dir, "vae")
+
+    def build(self, rngs):
+        return WanVAE(self.vae_cfg, rngs=rngs)
+
+    def trainable(self):
+        return nnx.Param
+
+    def source(self, mesh):
+        return builders.world_source(self.config.data, "train", build=False)
+
+    def local_batch(self, batch):
+        """Optionally trains on the first `clip_frames` frames: a causal VAE trained on 1 + r
+        frames already sees the cached-chunk path every later chunk takes, at a fraction of the
+        cost."""
+        n = int(self.tcfg.clip_frames)
+        if n and batch["frames"].shape[1] > n:
+            batch = dict(batch, frames=batch["frames"][:, :n])
+        return batch
+
+    def loss(self, model, batch, key):
+        x = batch["frames"]  # (B, T, H, W, 3) in [-1, 1]
+        mean, logvar = model.encode(x)  # (B, t, h, w, z)
+        if self.tcfg.sample_posterior:
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        else:  # deterministic autoencoder (toy runs: learns far faster on CPU budgets)
+            z = mean
+        rec = model.decode(z, clip=False)  # (B, T, H, W, 3)
+        # Foreground emphasis: pixels far from the clip's background colour (its per-channel
+        # median) weigh 1 + fg_weight. Small objects are a few percent of the pixels, and their
+        # colour is what text conditioning needs the latents to keep.
+        fgw = float(self.tcfg.fg_weight)
+        if fgw:
+            bg = jnp.median(x.reshape(x.shape[0], -1, x.shape[-1]), axis=1)  # (B, 3)
+            dist = jnp.max(jnp.abs(x - bg[:, None, None, None, :]), axis=-1, keepdims=True)
+            w = 1.0 + fgw * (dist > 0.1).astype(x.dtype)  # (B, T, H, W, 1)
+            w = w / jnp.mean(w)
+        else:
+            w = 1.0
+        l1 = jnp.mean(w * jnp.abs(rec - x))
+        l2 = jnp.mean(w * jnp.square(rec - x))
+        kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+        loss = l1 + l2 + self.tcfg.kl_weight * kl
+        return loss, {"l1": l1, "l2": l2, "kl": kl}
+
+
+def vae_provenance(config, run_dir) -> str:
+    """Names the frozen VAE's weights (for the latent cache) without loading them."""
+    if config.init_from:
+        return f"init_from:{os.path.abspath(config.init_from)}"
+    ckdir = os.path.join(VAEStage(config, run_dir).workdir, "checkpoints")
+    steps = ckpt_lib.list_steps(ckdir)
+    return f"{os.path.abspath(ckdir)}/{steps[-1] if steps else 'none'}"
+
+
+def load_vae_state(config, run_dir, mesh):
+    """(graphdef, state) of the frozen VAE: from `init_from` when fine-tuning, else from the VAE
+    stage's newest good checkpoint."""
+    if config.init_from:
+        return nnx.split(load_init_model(config, mesh).vae)
+    vstage = VAEStage(config, run_dir)
+    ck = ckpt_lib.Checkpointer(os.path.join(vstage.workdir, "checkpoints"))
+    vtrainer = Trainer(vstage, config, mesh)
+    target = vtrainer.abstract_target()
+    got = ck.restore_latest_good({"model": {"params": target["params"], "frozen": target["frozen"]}})
+    ck.close()
+    if got is None:
+        raise UserError(f"no VAE checkpoint in {vstage.workdir}: run the 'vae' stage first")
+    return nnx.split(nnx.merge(vtrainer.graphdef, got[1]["model"]["params"], got[1]["model"]["frozen"]))
+
+
+def load_init_model(config, mesh):
+    """The model of `config.init_from` (a converted or trained checkpoint dir), for fine-tuning."""
+    return inference.load_model(config.init_from, use_ema=True, mesh_cfg=config.mesh,
+                                flag="init_from")[1]
+
+
+# ==============================================================================================
+# DiT (+ toy text encoder) on the frozen VAE's latents.
+# ==============================================================================================
+def ensure_tokenizer(config, run_dir) -> str:
+    """The run's tokenizer path: the imported model's (fine-tuning; copied into the run), the
+    configured one, or a sentencepiece vocabulary trained once on the training captions.
+    Multi-process: process 0 writes, every process waits at the barrier, then all read it."""
+    if config.init_from:
+        dst = os.path.join(run_dir, "tokenizer")
+        if jax.process_index() == 0 and not os.path.isdir(dst):
+            shutil.copytree(os.path.join(config.init_from, "tokenizer"), dst + ".tmp", dirs_exist_ok=True)
+            os.replace(dst + ".tmp", dst)
+        sharding.sync("sorajax:tokenizer")
+        return dst
+    if config.text.tokenizer:
+        return config.text.tokenizer
+    path = os.path.join(run_dir, "tokenizer", "spiece.model")
+    if jax.process_index() == 0 and not os.path.exists(path):
+        caps = builders.captions(builders.world_source(config.data, "train", build=False))
+        try:
+            tok_lib.train_tokenizer(caps, path, config.text.vocab_size)
+        except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the captions' characters
+            why = (str(e).split("] ", 1)[-1].strip().splitlines() or [str(e).strip()])[0]
+            raise UserError(f"text.vocab_size={config.text.vocab_size}: sentencepiece cannot train "
+                            f"this vocabulary ({why})") from None
+    sharding.sync("sorajax:tokenizer")
+    return path
+
+
+def load_tokenizer(path: str) -> tok_lib.Tokenizer:
+    try:
+        return tok_lib.Tokenizer.load(path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"tokenizer {path!r} cannot be loaded: {e}") from None
+
+
+class DiTStage(Stage):
+    name = "dit"
+    data_seed_offset = 17
+
+    def __init__(self, config, run_dir, tokenizer: tok_lib.Tokenizer, tokenizer_path: str = ""):
+        super().__init__(config, run_dir)
+        self.tokenizer = tokenizer
+        self.tokenizer_path = tokenizer_path
+        vocab = tokenizer.vocab_size if config.text.vocab_from_tokenizer else None
+        self.cfgs = video.model_configs(config, vocab_size=vocab)
+        empty_ids, empty_mask = tokenizer.encode([""], config.text.max_length)[:2]
+        self.empty_ids = np.asarray(empty_ids)[0]
+        self.empty_mask = np.asarray(empty_mask)[0]
+        self.latent_source = None  # latents.LatentSource once prepare() ran (precompute_latents)
+
+    @property
+    def workdir(self):
+        return self.run_dir
+
+    def prepare(self, mesh) -> None:
+        """Encodes the training clips once with the frozen VAE (vae.precompute_latents), and
+        measures the latent statistics (vae.normalize_latents)."""
+        if not self.config.vae.precompute_latents:
+            return
+        config = self.config
+        world = builders.world_source(config.data, "train", build=False)
+        self.latent_source = latents.cached_latents(
+            config, self.run_dir, mesh, world, vae_provenance(config, self.run_dir),
+            lambda: load_vae_state(config, self.run_dir, mesh))
+        lat = self.latent_source.latents
+        if config.vae.normalize_latents:
+            # Per-channel statistics of this VAE's latents become its latents_mean/std (as Wan
+            # ships them), so the DiT sees unit-scale data and the sampler denormalizes.
+            mean = tuple(float(v) for v in lat.mean(axis=(0, 1, 2, 3)))
+            std = tuple(float(v) for v in lat.std(axis=(0, 1, 2, 3)) + 1e-6)
+            with config.unlocked():
+                config.vae.overrides = dict(config.vae.overrides, latents_mean=mean, latents_std=std)
+                config.vae.normalize_latents = False  # done: the stats now live in the config
+        ov = config.vae.overrides
+        if "latents_mean" in ov and "latents_std" in ov:
+            self.latent_source.normalize(np.asarray(ov["latents_mean"], np.float32),
+                                         np.asarray(ov["latents_std"], np.float32))
+
+    def build(self, rngs):
+        return video.VideoModel(*self.cfgs, rngs=rngs)
+
+    def trainable(self):
+        return video.trainable_filter(self.config)
+
+    def source(self, mesh):
+        if self.latent_source is not None:
+            return self.latent_source
+        return builders.world_source(self.config.data, "train", build=False)
+
+    def transform(self, example):
+        ids, mask = self.tokenizer.encode([builders.decode_text(example["caption"])],
+                                          self.config.text.max_length)[:2]
+        example["ids"] = np.asarray(ids, np.int32)[0]
+        example["mask"] = np.asarray(mask, np.int32)[0]
+        return example
+
+    def loss(self, model, batch, key):
+        k_drop, k_sigma, k_noise = jax.random.split(key, 3)
+        if "latents" in batch:  # precomputed by the frozen VAE (prepare)
+            x0 = batch["latents"]  # (B, t, h, w, z)
+        else:
+            x0 = jax.lax.stop_gradient(model.encode_video(batch["frames"]))  # (B, t, h, w, z)
+        b = x0.shape[0]
+        ids, mask = batch["ids"], batch["mask"]  # (B, L)
+        # Text dropout: the unconditional branch of classifier-free guidance sees "".
+        drop = jax.random.bernoulli(k_drop, self.tcfg.text_dropout, (b, 1))
+        ids = jnp.where(drop, jnp.asarray(self.empty_ids)[None], ids)
+        mask = jnp.where(drop, jnp.asarray(self.empty_mask)[None], mask)
+        ctx = model.encode_text(ids, mask)  # (B, L, D)
+        f = self.config.flow
+        sigma = flow.sample_sigmas(k_sigma, (b,), logit_mean=f.logit_mean, logit_std=f.logit_std,
+                                   shift=f.shift)
+        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+        xt = flow.add_noise(x0, noise, sigma)
+        v = model.velocity(xt, sigma, ctx)
+        loss = flow.flow_loss(v, flow.velocity_target(x0, noise))
+        return loss, {}
+
+    def init_state(self, state, trainer, mesh):
+        """Every weight from `init_from` (fine-tuning an imported or trained model), or else the
+        trained VAE's weights into the frozen part of a fresh state."""
+        put = lambda new, old: jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new, old)
+        if self.config.init_from:
+            model = load_init_model(self.config, mesh)
+            _, params, frozen = nnx.split(model, self.trainable(), ...)
+            state["params"] = put(params, state["params"])
+            state["frozen"] = put(frozen, state["frozen"])
+            state["ema"] = jax.tree.map(jnp.copy, state["params"])
+            return state
+        _, vae_state = load_vae_state(self.config, self.run_dir, mesh)
+        state["frozen"]["vae"] = put(vae_state, state["frozen"]["vae"])
+        return state
+
+    def meta(self):
+        return {"tokenizer": os.path.relpath(self.tokenizer_path, self.run_dir) if self.tokenizer_path
+                else "", "config": self.config.to_dict()}
+
+    def on_end(self, state, trainer, writer, step):
+        """Samples the first evaluation prompts with the EMA weights into RUN/samples (+ TensorBoard).
+        The run is checkpointed by now; a failure here still fails the command (exit 1)."""
+        if not self.tcfg.sample_at_end:
+            return
+        if jax.process_count() > 1:  # the sampler runs single-process (one host's devices)
+            if jax.process_index() == 0:
+                print(f"[{self.name}] multi-process run: skipping end-of-training samples; run "
+                      f"`python -m sorajax.sample --workdir {self.run_dir} ...` on one host", flush=True)
+            return
+        try:
+            pipe = inference.load_pipeline(workdir=self.run_dir)
+            prompts = [p.caption for p in world_lib.EVAL_PROMPTS[:4]]
+            frames = pipe.generate(prompts, seed=0)["frames"]  # (N, T, H, W, 3) in [0, 1]
+            os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+            video_io.write(os.path.join(self.run_dir, "samples", f"step_{step}.gif"), frames, prompts)
+        except Exception as e:
+            raise RunFailed(f"training finished and its checkpoint is saved, but end-of-training "
+                            f"sampling failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                            f"set dit_train.sample_at_end=False to skip it") from e
+        if writer is not None:
+            vid = np.transpose((frames * 255).astype(np.uint8), (0, 1, 4, 2, 3))  # (N, T, C, H, W)
+            writer.add_video("samples", vid, step, fps=4)
+            writer.add_image("samples_sheet", video_io.contact_sheet(frames, prompts), step,
+                             dataformats="HWC")
+
+
+STAGES: dict[str, type[Stage]] = {"vae": VAEStage, "dit": DiTStage}

@@ -1,0 +1,153 @@
+"""Config checks before anything is built or compiled: one `UserError` line naming the field,
+its value and what is allowed. Used by the trainer, the sampler and the AOT planner (which must
+not import the trainer)."""
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+
+from sorajax import config_base, sampler, sharding
+from sorajax.errors import UserError
+from sorajax.models import dit as dit_lib
+from sorajax.models import video
+from sorajax.models.vae import latent_shape
+
+
+def is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def is_num(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+        and math.isfinite(v)
+
+
+def _need(ok, field, value, allowed):
+    if not ok:
+        raise UserError(f"{field}={value!r}: {allowed}")
+
+
+def _validate_stage(config, stage: str, rt: int) -> None:
+    name = config_base.STAGE_SECTIONS[stage]
+    t, d = config[name], config.data
+    _need(is_int(t.steps) and t.steps >= 0, f"{name}.steps", t.steps, "must be an integer >= 0")
+    for k in ("batch_size", "log_every", "ckpt_every", "grad_accum", "keep_checkpoints",
+              "max_nonfinite_in_a_row"):
+        _need(is_int(t[k]) and t[k] >= 1, f"{name}.{k}", t[k], "must be an integer >= 1")
+    _need(t.batch_size <= d.num_train, f"{name}.batch_size", t.batch_size,
+          f"must be <= data.num_train={d.num_train} (incomplete batches are dropped)")
+    _need(is_num(t.lr) and t.lr >= 0, f"{name}.lr", t.lr, "must be a finite number >= 0")
+    _need(is_int(t.warmup_steps) and t.warmup_steps >= 0, f"{name}.warmup_steps", t.warmup_steps,
+          "must be an integer >= 0")
+    for k, hi in (("b1", "1)"), ("b2", "1)"), ("ema_decay", "1]")):
+        _need(is_num(t[k]) and 0 <= t[k] and (t[k] < 1 or hi == "1]" and t[k] == 1),
+              f"{name}.{k}", t[k], f"must be in [0, {hi}")
+    _need(is_num(t.weight_decay) and t.weight_decay >= 0, f"{name}.weight_decay", t.weight_decay,
+          "must be a finite number >= 0")
+    _need(is_num(t.grad_clip) and t.grad_clip > 0, f"{name}.grad_clip", t.grad_clip, "must be > 0")
+    inj = t.inject_nonfinite_steps
+    _need(isinstance(inj, (tuple, list)) and all(is_int(x) for x in inj),
+          f"{name}.inject_nonfinite_steps", inj, "must be a tuple of step numbers (testing knob)")
+    if stage == "vae":
+        for k in ("kl_weight", "fg_weight"):
+            _need(is_num(t[k]) and t[k] >= 0, f"{name}.{k}", t[k], "must be a finite number >= 0")
+        n = t.clip_frames
+        _need(is_int(n) and n >= 0 and (n == 0 or ((n - 1) % rt == 0 and n <= d.frames)),
+              f"{name}.clip_frames", n, f"must be 0 (all frames) or 1 + {rt}k <= data.frames={d.frames}")
+    else:
+        _need(is_num(t.text_dropout) and 0 <= t.text_dropout <= 1, f"{name}.text_dropout",
+              t.text_dropout, "must be in [0, 1]")
+
+
+def validate(config) -> None:
+    """Checks a config before anything is built or compiled (UserError, one line)."""
+    stages = config.stages
+    _need(isinstance(stages, (tuple, list)) and len(stages) > 0
+          and all(s in config_base.STAGE_SECTIONS for s in stages), "stages", stages,
+          f"must be a non-empty tuple of {' and/or '.join(map(repr, config_base.STAGE_SECTIONS))}, "
+          "e.g. ('vae', 'dit')")
+    _need(is_int(config.seed) and config.seed >= 0, "seed", config.seed, "must be an integer >= 0")
+    d = config.data
+    for k in ("frames", "height", "width", "num_train"):
+        _need(is_int(d[k]) and d[k] >= 1, f"data.{k}", d[k], "must be an integer >= 1")
+    vae_cfg, dit_cfg, _ = video.model_configs(config)  # UserError on unknown variants/overrides
+    rt, rs = vae_cfg.temporal_stride, vae_cfg.spatial_stride
+    _need((d.frames - 1) % rt == 0, "data.frames", d.frames,
+          f"the causal VAE takes 1 + {rt}k frames ({', '.join(str(1 + rt * i) for i in range(4))}, ...)")
+    pt, ph, pw = dit_cfg.patch_size if "dit" in stages else (1, 1, 1)
+    for k, p in (("height", ph), ("width", pw)):
+        _need(d[k] % (rs * p) == 0, f"data.{k}", d[k],
+              f"must be divisible by {rs * p} (VAE spatial compression {rs} x DiT patch {p})")
+    _need((1 + (d.frames - 1) // rt) % pt == 0, "data.frames", d.frames,
+          f"gives {1 + (d.frames - 1) // rt} latent frames, not divisible by the DiT temporal patch {pt}")
+    for stage in stages:
+        _validate_stage(config, stage, rt)
+    if "dit" in stages:
+        _need(is_int(config.text.max_length) and config.text.max_length >= 2, "text.max_length",
+              config.text.max_length, "must be an integer >= 2 (tokens and </s>)")
+        f = config.flow
+        _need(is_num(f.shift) and f.shift > 0, "flow.shift", f.shift, "must be > 0")
+        _need(is_num(f.logit_std) and f.logit_std > 0, "flow.logit_std", f.logit_std, "must be > 0")
+        _need(is_num(f.logit_mean), "flow.logit_mean", f.logit_mean, "must be a finite number")
+        s = config.sample  # checked here so end-of-training sampling cannot fail on them
+        _need(is_int(s.steps) and s.steps >= 1, "sample.steps", s.steps, "must be an integer >= 1")
+        _need(is_num(s.guidance), "sample.guidance", s.guidance,
+              "must be a finite number (1 = conditional only, 0 = unconditional)")
+        _need(is_num(s.shift) and s.shift > 0, "sample.shift", s.shift, "must be > 0")
+        _need(s.solver in sampler.SOLVERS, "sample.solver", s.solver,
+              f"must be one of {', '.join(sampler.SOLVERS)}")
+    for k, v in config.mesh.items():
+        _need(is_int(v) and (v >= 1 or v == -1), f"mesh.{k}", v, "must be a positive integer or -1 (fill)")
+    rules = config.sharding_rules
+    try:
+        sharding.normalize_rules(rules)  # UserError on unknown names
+    except (TypeError, ValueError) as e:
+        raise UserError(f"sharding_rules={rules!r}: must be None or a list of (logical axis, mesh axis "
+                        f"| tuple of mesh axes | None) pairs ({e})") from None
+    if "dit" in stages and not config.init_from:
+        tok = config.text.tokenizer
+        if tok:
+            _need(os.path.exists(tok), "text.tokenizer", tok,
+                  "must be an existing spiece.model / tokenizer.json, or a folder holding one")
+        else:  # a vocabulary is trained on the captions
+            v = config.text.vocab_size
+            _need(is_int(v) and v >= 1, "text.vocab_size", v, "must be an integer >= 1 (an upper "
+                  "bound; sentencepiece needs at least the captions' characters + 3)")
+
+
+def check_context_split(vae_cfg, dit_cfg, frames: int, height: int, width: int, mesh, rules,
+                        what: str) -> None:
+    """Context parallelism never switches itself off: a DiT token count that the mesh's context
+    devices cannot split is an error, not a silent full attention on every device."""
+    cp = sharding.axis_size(mesh, sharding.normalize_rules(rules), "length")
+    if cp <= 1:
+        return
+    n = dit_lib.num_tokens(dit_cfg, latent_shape(vae_cfg, frames, height, width)[:3])
+    if n % cp:
+        raise UserError(
+            f"{what}: {frames}x{height}x{width} gives {n} DiT tokens, which the {cp} context-parallel "
+            f"devices cannot split (need a multiple of {cp}); change the frames/size or mesh.context")
+
+
+def validate_mesh(config, mesh) -> None:
+    """Checks the batch sizes and the context split against the mesh (before any compile)."""
+    rules = sharding.normalize_rules(config.sharding_rules)
+    dp = sharding.data_parallel_size(mesh, rules)
+    nproc = jax.process_count()
+    shape = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    for stage in config.stages:
+        name = config_base.STAGE_SECTIONS[stage]
+        b, accum = int(config[name].batch_size), int(config[name].grad_accum)
+        if b % (dp * accum) or b % nproc:
+            raise UserError(
+                f"{name}.batch_size={b}: must be a multiple of {dp * accum} (the {dp} data-parallel "
+                f"devices of the mesh ({shape}) x grad_accum={accum})"
+                + (f" and of the {nproc} processes" if nproc > 1 else ""))
+    if "dit" in config.stages:
+        vae_cfg, dit_cfg, _ = video.model_configs(config)
+        d = config.data
+        check_context_split(vae_cfg, dit_cfg, d.frames, d.height, d.width, mesh, rules,
+                            "data.frames/height/width")
