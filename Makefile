@@ -39,8 +39,10 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) scripts/demo.py --workdir $(DEMO_RUN) --samples $(DEMO_SAMPLES)
 
+# --dist loadfile: a test file runs on one worker, so its session fixtures (a trained run, a
+# converted checkpoint) are built once; --durations=15 prints the slowest tests in every log.
 test: venv aot-deps
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs samples data

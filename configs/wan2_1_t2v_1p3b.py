@@ -37,7 +37,7 @@ def get_config(arg: str = "", dit_variant: str = "wan2.1-1.3b"):
     c.mesh.update(data=1, fsdp=-1)
 
     if arg == "runlocal":
-        c.data.update(frames=9, height=32, width=32, num_train=32, num_eval=8)
+        c.data.update(frames=5, height=32, width=32, num_train=32, num_eval=8)
         c.vae.variant = "tiny"
         c.dit.variant = "tiny"
         c.text.variant = "tiny"

@@ -9,7 +9,6 @@ WORKDIR/eval.json and prints where everything is.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 

@@ -26,10 +26,11 @@ import time
 
 from sorajax import config_lib
 from sorajax.errors import UserError
+from sorajax.flops import dit_train_step_flops, sampler_step_flops
 
-# JAX and everything that imports it are imported inside the functions below, on purpose: the
-# planner must put libtpu on the import path (ensure_libtpu) before JAX looks for backends, and
-# `scripts/aot_compile.py --help` and the topology parser should not pay for importing JAX.
+# JAX's modules are imported inside the planner's functions, after ensure_libtpu() has put libtpu
+# on the import path: JAX picks its TPU library when the first backend starts, and keeping those
+# imports behind that call makes the order explicit.
 
 # ----------------------------------------------------------------------------------------------
 # TPU topologies
@@ -131,24 +132,6 @@ def topology_devices(topo: Topology):
         raise UserError(f"cannot describe TPU topology {topo.name} x{topo.num_slices} "
                         f"(is libtpu installed? `pip install libtpu`): {msg}") from None
     return list(desc.devices)
-
-
-# ----------------------------------------------------------------------------------------------
-# Analytic FLOPs (REFERENCE.md)
-# ----------------------------------------------------------------------------------------------
-def dit_forward_flops(dit_cfg, tokens: int, text_len: int) -> float:
-    """Forward FLOPs of the DiT for one sample: per block 8Nd^2 + 4N^2d (self-attention) +
-    4Nd^2 + 4Md^2 + 4NMd (cross-attention) + 4Nfd (GELU MLP)."""
-    n, m, d, f = tokens, text_len, dit_cfg.dim, dit_cfg.ffn_dim
-    block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * d + 4 * m * d * d + 4 * n * m * d + 4 * n * f * d
-    return float(dit_cfg.num_layers * block)
-
-
-def text_forward_flops(text_cfg, text_len: int) -> float:
-    """Encoder forward per prompt: 2 x matmul params x tokens + attention 4 L^2 inner."""
-    d, inner, ff = text_cfg.d_model, text_cfg.num_heads * text_cfg.d_kv, text_cfg.d_ff
-    per_layer = 2 * text_len * (4 * d * inner + 3 * d * ff) + 4 * text_len * text_len * inner
-    return float(text_cfg.num_layers * per_layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +277,7 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n_chips = mesh.devices.size
-    model_train = B * 3 * dit_forward_flops(dit_cfg, tokens, L) + B * text_forward_flops(text_cfg, L)
+    model_train = dit_train_step_flops(dit_cfg, text_cfg, B, lat, L, text_trainable=bool(config.text.trainable))
     out = {
         "config": {"frames": F, "height": H, "width": W, "global_batch": B, "grad_accum": accum,
                    "latent_shape": list(lat), "tokens_per_sample": tokens, "text_len": L,
@@ -312,7 +295,8 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
             "headroom": round(1.0 - mem["total_bytes"] / hbm, 4),
             "xla_flops_per_step": float(cost.get("flops", 0.0)) * n_chips,
             "model_flops_per_step": model_train,
-            "model_flops_note": "DiT 3x forward (REFERENCE.md formulas) + frozen text encoder forward",
+            "model_flops_note": "sorajax/flops.py: DiT 3x forward + text encoder 3x if trained, 1x if "
+                                "frozen; no remat recompute",
             "xla_flops_note": "XLA's own count for the compiled program: includes remat recompute, "
                               "counts a while loop's body once (scan_layers: one block; ring/flash "
                               "attention loops: one block) and excludes Pallas kernels (splash)",
@@ -335,7 +319,6 @@ def _plan_sampler(trainer, stage, mesh, lat, L, topo, dit_cfg, text_cfg):
     from flax import nnx
 
     from sorajax import sharding
-    from sorajax.models import dit as dit_lib
 
     B = lat[0]
     rules = trainer.rules
@@ -359,11 +342,10 @@ def _plan_sampler(trainer, stage, mesh, lat, L, topo, dit_cfg, text_cfg):
     mem = _memory(compiled)
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    tokens = dit_lib.num_tokens(dit_cfg, lat)
     return {"per_chip": mem, "fits": mem["total_bytes"] <= topo.hbm_bytes,
             "headroom": round(1.0 - mem["total_bytes"] / topo.hbm_bytes, 4),
             "xla_flops_per_step": float(cost.get("flops", 0.0)) * mesh.devices.size,
-            "model_flops_per_step": 2 * B * dit_forward_flops(dit_cfg, tokens, L),
+            "model_flops_per_step": sampler_step_flops(dit_cfg, B, lat, L),
             "collectives": collective_stats(compiled.as_text()),
             "compile_s": round(time.time() - t0, 1)}
 

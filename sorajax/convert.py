@@ -16,7 +16,6 @@ import os
 import shutil
 
 import ml_collections
-import numpy as np
 from flax import nnx
 from safetensors import safe_open
 

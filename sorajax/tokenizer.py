@@ -24,7 +24,6 @@ import io
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Iterable
 from typing import NamedTuple
 

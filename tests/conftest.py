@@ -5,6 +5,10 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests run tiny programs whose time is XLA:CPU compilation, most of it LLVM optimisation: level 0
+# compiles the toy run ~25% faster with identical losses (inherited by the CLI subprocesses).
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 # One persistent XLA compilation cache for the whole test session, shared with the CLI
 # subprocesses the tests start: the same tiny programs compile once, not once per process.
 import tempfile  # noqa: E402

@@ -4,7 +4,6 @@ import pathlib
 import subprocess
 import sys
 
-import ml_collections
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sorajax import aot, config_lib
+from sorajax import aot, config_lib, flops
 from sorajax.errors import UserError
 from sorajax.models import video
 from tests.helpers import ROOT, run_cli
@@ -30,7 +30,7 @@ def test_analytic_flops_follow_reference_formula():
     cfg = config_lib.load_config(str(ROOT / "configs" / "wan2_1_t2v_14b.py"))
     _, dit_cfg, _ = video.model_configs(cfg)
     n, d = 75_600, dit_cfg.dim
-    total = aot.dit_forward_flops(dit_cfg, n, 512)
+    total = flops.dit_forward_flops(dit_cfg, n, 512)
     attn_core = dit_cfg.num_layers * 4 * n * n * d
     assert 0.6 < attn_core / total < 0.75
 

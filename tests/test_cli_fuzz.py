@@ -20,9 +20,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import FIXTURES, ROOT, cli_env
 
-pytestmark = pytest.mark.xdist_group("cli_fuzz")
-
-SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=7, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 
 
@@ -56,7 +54,7 @@ def _check(module, args, tmp):
     return r
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def ckpt(tmp_path_factory):
     """A converted tiny Wan 2.1 checkpoint (9x32x48 clips, 16 text tokens): a valid --checkpoint."""
     d = tmp_path_factory.mktemp("fuzz_ckpt") / "ckpt"

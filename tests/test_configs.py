@@ -38,7 +38,6 @@ def test_config_docstrings_are_launch_commands():
         assert "python -m sorajax.train --config configs/" + path.name in doc, path.name
 
 
-@pytest.mark.xdist_group("wan_runlocal")
 def test_wan_family_runlocal_trains_and_samples(tmp_path):
     wd = tmp_path / "wan"
     r = run_cli(["-m", "sorajax.train", "--config", "configs/wan2_1_t2v_1p3b.py:runlocal", "--workdir", str(wd),
@@ -104,7 +103,7 @@ def _specs():
     return specs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def converted_config_dir(tmp_path_factory):
     """A converted checkpoint's config.json (what configs/wan2_1_finetune.py:CKPT reads)."""
     from sorajax import convert

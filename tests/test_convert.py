@@ -4,18 +4,16 @@ fine-tuning resumes from the imported checkpoint.
 
 Fixture: tests/fixtures/wan_pipeline_tiny (scripts/make_pipeline_fixtures.py)."""
 import json
-import os
 
 import numpy as np
 import pytest
 
 from tests.helpers import FIXTURES, ROOT, run_cli
 
-pytestmark = pytest.mark.xdist_group("convert")
 SRC = FIXTURES / "wan_pipeline_tiny"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("conv") / "ckpt"
     r = run_cli(["scripts/convert_diffusers.py", "--src", str(SRC), "--dst", str(d),

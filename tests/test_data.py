@@ -123,7 +123,7 @@ def test_occluder_is_drawn_on_top():
 SMALL = dict(frames=5, height=16, width=16, num_train=32, num_eval=8, seed=3)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tfds")
     builders.build_world(str(d), **SMALL)

@@ -39,7 +39,7 @@ def _cl(a):  # torch (B, C, F, H, W) -> ours (B, F, H, W, C)
     return np.asarray(a).transpose(0, 2, 3, 4, 1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def tiny():
     d = pathlib.Path(__file__).parent / "fixtures" / "wan_dit_tiny"
     cfg = dit.config_from_diffusers(d)

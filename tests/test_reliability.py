@@ -21,8 +21,6 @@ import pytest
 
 from tests.helpers import ROOT, cli_env
 
-pytestmark = pytest.mark.xdist_group("reliability")
-
 STEPS = 30
 TINY = ["--config", "configs/toy.py:runlocal", "--config.stages=('vae',)",
         "--config.vae.overrides={'base_dim': 4, 'z_dim': 4, 'dim_mult': (1, 2), 'temporal_downsample': (True,)}",
@@ -92,7 +90,7 @@ def _wait(proc, cond, timeout=240):
     raise TimeoutError("no progress")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def data_dir(tmp_path_factory):
     """The tiny world dataset, built once (the runs below only read it)."""
     from sorajax import config_lib
@@ -122,7 +120,7 @@ class _Baseline:
         return got
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def baseline(tmp_path_factory, data_dir):
     b = _Baseline(tmp_path_factory.mktemp("baseline"), data_dir)
     yield b
@@ -175,7 +173,9 @@ def test_kill_9_at_random_steps_resumes_to_identical_losses(baseline, data_dir, 
         assert own == [(s, want[s]) for s, _ in own], i
         checked.append((resume_from, own[-1][0]))
     assert mid_write, "the second kill did not land during a checkpoint write"
-    assert all(r > 0 for r, _ in checked[1:]), checked  # every restart resumed from a checkpoint
+    # The resume path really ran (a kill may land before the first async save has finished:
+    # then that restart starts over, which is right, and is checked above like the others).
+    assert any(r > 0 for r, _ in checked[1:]), checked
     left = sorted(os.listdir(_ckpt_dir(wd)))
     assert left and all(n.isdigit() for n in left), left  # no half-written step directories remain
     assert _losses(wd) == baseline.losses()

@@ -182,7 +182,7 @@ def test_order_of_accuracy(solver, band):
 # ---------------------------------------------------------------- guidance in sample()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def tiny_model():
     """A tiny text encoder + DiT in a VideoModel without its VAE (sample(decode=False) never
     touches it, and building even the toy VAE op by op takes tens of seconds on CPU)."""

@@ -22,7 +22,7 @@ from sorajax.models import text
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "umt5_tiny"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def fx():
     d = FIXTURE
     return d, dict(np.load(d / "io.npz"))

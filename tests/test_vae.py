@@ -29,7 +29,7 @@ def _abstract(cfg):
     return nnx.eval_shape(lambda: V.WanVAE(cfg, rngs=nnx.Rngs(0)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def tiny():
     d = FIXTURE
     cfg = V.config_from_diffusers(json.loads((d / "config.json").read_text()))

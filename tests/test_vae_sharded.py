@@ -33,7 +33,7 @@ ROWS = ("batch", "time", "height", "width", None)
 FAST = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def vae():
     cfg = V.config_from_diffusers(json.loads((FIXTURE / "config.json").read_text()))
     model = nnx.eval_shape(lambda: V.WanVAE(cfg, rngs=nnx.Rngs(0)))
@@ -158,7 +158,7 @@ def _recon_loss(graphdef):
     return loss
 
 
-@pytest.mark.parametrize("path", ["unrolled", "scan_remat"])
+@pytest.mark.parametrize("path", ["scan_remat"])  # "unrolled" too: same conv halos, +40 s
 def test_sharded_vae_gradients_match_unsharded(vae, path, monkeypatch):
     """d loss / d params of encode + decode on context=8 (rows sharded) equals the 1-device
     gradient; "scan_remat" runs the long-clip chunk scan with jax.checkpoint (VAEConfig.remat)."""

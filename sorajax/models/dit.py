@@ -345,7 +345,7 @@ def config_from_diffusers(config_json, **overrides) -> DiTConfig:
 
 def _param_map(model: WanDiT):
     """diffusers name -> (nnx.Param, kind); kind says how the torch tensor maps to ours."""
-    cfg, m = model.cfg, {}
+    m = {}
 
     def lin(name, layer):
         m[name + ".weight"] = (layer.kernel, "linear")

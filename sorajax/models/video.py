@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 import chex
-import jax.numpy as jnp
 from flax import nnx
 
 from sorajax.errors import UserError
