@@ -343,9 +343,7 @@ class DiTStage(Stage):
             raise RunFailed(f"training finished and its checkpoint is saved, but end-of-training "
                             f"sampling failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                             f"set dit_train.sample_at_end=False to skip it") from e
-        if writer is not None:
-            vid = np.transpose((frames * 255).astype(np.uint8), (0, 1, 4, 2, 3))  # (N, T, C, H, W)
-            writer.add_video("samples", vid, step, fps=4)
+        if writer is not None:  # (the .gif above is the video: tensorboardX's add_video needs moviepy)
             writer.add_image("samples_sheet", video_io.contact_sheet(frames, prompts), step,
                              dataformats="HWC")
 
