@@ -46,11 +46,6 @@ def check_declared(cfg, where: str) -> None:
                         "(declare a new setting there, with its default and a comment)")
 
 
-def stage_section(config, stage: str) -> ml_collections.ConfigDict:
-    """The settings section of a training stage ("vae" -> config.vae_train, "dit" -> dit_train)."""
-    return config[config_base.STAGE_SECTIONS[stage]]
-
-
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`path/to/config.py[:arg]` -> the ConfigDict returned by its get_config(arg)."""
     path, _, arg = spec.partition(":")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sorajax import checkpoint as ckpt_lib
 from sorajax import sharding
 
 
@@ -95,8 +96,8 @@ class Trainer:
         return jax.jit(self._init_fn, out_shardings=self.shardings)()
 
     def abstract_target(self):
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract, self.shardings)
+        """The state as ShapeDtypeStructs with this mesh's shardings (Orbax restores onto it)."""
+        return ckpt_lib.abstract_with_shardings(self.abstract, self.shardings)
 
     # -- step ----------------------------------------------------------------------------------
     def _step_fn(self, state, batch):
