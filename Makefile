@@ -40,9 +40,10 @@ demo: venv
 	$(PY) scripts/demo.py --workdir $(DEMO_RUN) --samples $(DEMO_SAMPLES)
 
 # --dist loadfile: a test file runs on one worker, so its session fixtures (a trained run, a
-# converted checkpoint) are built once; --durations=15 prints the slowest tests in every log.
+# converted checkpoint) are built once; --no-loadscope-reorder keeps tests/conftest.py's order
+# (the most expensive files first); --durations=15 prints the slowest tests in every log.
 test: venv aot-deps
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs samples data

@@ -7,6 +7,8 @@ import os
 import sys
 import tempfile
 
+import jax
+
 from sorajax.errors import RunFailed, UserError
 
 
@@ -18,12 +20,28 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "sorajax", "xla")
+
+
+def use_compilation_cache(env=os.environ) -> str:
+    """Turns JAX's persistent compilation cache on for the commands, so that a second `sample`,
+    `evaluate` or resumed `train` of the same shapes loads its programs instead of recompiling
+    them: JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/sorajax/xla; SORAJAX_COMPILATION_CACHE=0
+    leaves it off. Returns the directory in use ("" when off)."""
+    if env.get("SORAJAX_COMPILATION_CACHE", "1") == "0":
+        return ""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(DEFAULT_COMPILATION_CACHE))
+    return jax.config.jax_compilation_cache_dir
+
+
 def run(fn, argv=None) -> int:
     """Calls fn(argv); maps UserError to `error: ...` + exit 2, RunFailed to exit 1 and Ctrl-C to
-    exit 130."""
+    exit 130. The persistent compilation cache is on (use_compilation_cache)."""
     level = os.environ.get("SORAJAX_LOGLEVEL", "WARNING")
     logging.basicConfig(level=level,
                         format="%(levelname)s %(name)s: %(message)s")
+    use_compilation_cache()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return int(fn(argv) or 0)

@@ -47,8 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.stages = ("vae", "dit")  # trained in order into one workdir; a finished stage is skipped
     c.init_from = ""  # a converted or trained checkpoint dir to start every weight from (fine-tuning)
 
-    # -- data: the synthetic world (sorajax/data/world.py) as TFDS array_record under data_dir.
+    # -- data: the synthetic world (sorajax/data/world.py) as TFDS array_record under data_dir,
+    # or a folder of the user's videos prepared by `python -m sorajax.data.prepare` (docs/DATA.md).
     c.data = ml_collections.ConfigDict()
+    c.data.source = "world"  # "world" (synthetic, built on demand) or "folder" (data.dir)
+    c.data.dir = ""  # source="folder": the prepared DATA_DIR (prepare --out); its clip shape must match
     c.data.data_dir = "data"  # where the dataset is built (once) and read
     c.data.frames = 9  # frames per clip: 1 + (VAE temporal stride) k
     c.data.height = 32  # pixels; a multiple of VAE spatial stride x DiT patch
@@ -102,8 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
     # -- sampling defaults (sorajax.sample, sorajax.evaluate, end-of-training samples).
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 25  # denoising steps
-    # guidance 8: measured on the demo run, 26 eval prompts: colour 0.92 / direction 0.81 (seed 0)
-    # vs 0.92 / 0.65 at guidance 4 and 0.88 / 0.73 at 6.
+    # guidance 8 was chosen on the demo run with the earlier 26-prompt single-object benchmark
+    # (colour 0.92 / direction 0.81 vs 0.92 / 0.65 at 4); re-choose it on --prompts validation.
     c.sample.guidance = 8.0  # classifier-free guidance scale (1 = off, 0 = unconditional)
     c.sample.shift = 1.0  # time shift of the sampling schedule
     c.sample.solver = "euler"  # euler | heun | unipc

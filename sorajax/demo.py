@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+
 from sorajax import config_lib, evaluate, fileio, inference, train, video_io
-from sorajax.data import world as world_lib
 
 
 def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> int:
@@ -14,20 +15,28 @@ def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> 
     train.train_and_evaluate(config, workdir)
     t_train = time.time() - t0
 
+    # The test prompts are sampled once: the benchmark scores them and the same clips are written.
     pipe = inference.load_pipeline(workdir=workdir)
-    prompts = [p.caption for p in world_lib.EVAL_PROMPTS]
-    out = pipe.generate(prompts, seed=0)
+    generate, made = evaluate.model_generate(pipe), []
+
+    def generate_and_keep(captions, seed):
+        frames = generate(captions, seed)
+        made.append((list(captions), frames))
+        return frames
+
+    report = evaluate.run_benchmark(generate_and_keep, info={"workdir": workdir})
+    report_path = os.path.join(workdir, "eval.json")
+    fileio.write_json(report_path, report)
+    prompts = [c for caps, _ in made for c in caps]
+    frames = np.concatenate([f for _, f in made])
     os.makedirs(samples_dir, exist_ok=True)
     paths = []
     for ext in (".mp4", ".gif"):
-        paths.append(video_io.write(os.path.join(samples_dir, "world" + ext), out["frames"], prompts))
-    paths.append(video_io.write(os.path.join(samples_dir, "world_contact_sheet.png"), out["frames"], prompts))
+        paths.append(video_io.write(os.path.join(samples_dir, "world" + ext), frames, prompts))
+    paths.append(video_io.write(os.path.join(samples_dir, "world_contact_sheet.png"), frames, prompts))
     for i in range(min(4, len(prompts))):
-        paths.append(video_io.write(os.path.join(samples_dir, f"prompt{i:02d}.mp4"), out["frames"][i:i + 1]))
+        paths.append(video_io.write(os.path.join(samples_dir, f"prompt{i:02d}.mp4"), frames[i:i + 1]))
 
-    report_path = os.path.join(workdir, "eval.json")
-    report = evaluate.run_benchmark(evaluate.model_generate(pipe), info={"workdir": workdir})
-    fileio.write_json(report_path, report)
     m = report["metrics"]
     print("")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min (training {t_train / 60:.1f} min)")

@@ -242,3 +242,43 @@ def sampler_step_flops(dit_cfg, batch: int, latent_shape, text_len: int, *, guid
     (text_forward_flops, ×2 with guidance); the VAE decode also runs once (vae_decode_flops)."""
     tokens = dit_tokens(dit_cfg, latent_shape)
     return float(batch * evals * (2 if guidance else 1) * dit_forward_flops(dit_cfg, tokens, text_len))
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak FLOP/s per chip (for MFU)
+# ----------------------------------------------------------------------------------------------
+# Dense bf16 peak FLOP/s per chip (shared/REFERENCE.md "Hardware"), keyed by JAX's
+# `device.device_kind`, matched case-insensitively, first match wins (so the more specific names
+# come first). JAX names v5e "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite". H100 PCIe / NVL and
+# H200 NVL have lower clocks and power limits than the SXM parts the table lists: they are
+# matched to None (unknown) rather than credited with the SXM peak.
+PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
+    (("tpu v5 lite", "tpu v5e"), 197e12),
+    (("tpu v5p", "tpu v5"), 459e12),
+    (("tpu v6 lite", "tpu v6e", "tpu v6"), 918e12),
+    (("tpu v4",), 275e12),
+    (("h100 pcie", "h100 nvl", "h200 nvl"), None),
+    (("h100",), 989e12),
+    (("h200",), 989e12),
+)
+
+
+def peak_flops_for_kind(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one chip named `device_kind` (as JAX spells it), or None when
+    the chip is not in PEAK_BF16_FLOPS."""
+    kind = " ".join(str(device_kind).lower().split())
+    for names, peak in PEAK_BF16_FLOPS:
+        if any(kind.startswith(n) or f" {n}" in f" {kind}" for n in names):
+            return peak
+    return None
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak FLOP/s of a JAX device (anything with `.platform` and `.device_kind`), for
+    MFU = model FLOPs per second / peak. None on CPU (no fixed peak: measure the f32 matmul
+    ceiling instead, scripts/benchmark.py) and for chips not in PEAK_BF16_FLOPS. A step that runs
+    in f32 on a GPU or TPU is still divided by the bf16 peak: MFU is against the chip's best."""
+    if getattr(device, "platform", "cpu") == "cpu":
+        return None
+    return peak_flops_for_kind(getattr(device, "device_kind", ""))
+

@@ -45,9 +45,12 @@ def fingerprint(config, num_clips: int, vae_provenance: str) -> dict:
     """What the cached latents depend on. The latent statistics written into vae.overrides by
     normalize_latents are left out: they are measured from these latents."""
     vae = {k: v for k, v in config.vae.overrides.items() if k not in ("latents_mean", "latents_std")}
-    return {"data": {k: v for k, v in config.data.to_dict().items() if k != "data_dir"},
-            "num_clips": int(num_clips), "vae_variant": config.vae.variant,
-            "vae_overrides": json.loads(json.dumps(vae, default=list)), "vae": vae_provenance}
+    fp = {"data": {k: v for k, v in config.data.to_dict().items() if k != "data_dir"},
+          "num_clips": int(num_clips), "vae_variant": config.vae.variant,
+          "vae_overrides": json.loads(json.dumps(vae, default=list)), "vae": vae_provenance}
+    if config.data.source == "folder":  # a re-prepared folder: its name carries a content digest
+        fp["dataset"] = os.path.basename(os.path.dirname(builders.folder_path(config.data.dir)))
+    return fp
 
 
 def _key(fp: dict) -> str:

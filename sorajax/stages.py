@@ -23,13 +23,12 @@ import numpy as np
 from flax import nnx
 
 from sorajax import checkpoint as ckpt_lib
-from sorajax import config_base, flow, inference, latents, sharding, video_io
+from sorajax import config_base, flops, flow, inference, latents, sharding, video_io
 from sorajax import tokenizer as tok_lib
 from sorajax.data import builders
-from sorajax.data import world as world_lib
 from sorajax.errors import RunFailed, UserError
 from sorajax.models import video
-from sorajax.models.vae import WanVAE
+from sorajax.models.vae import WanVAE, latent_shape
 from sorajax.train_state import Trainer
 
 
@@ -87,6 +86,11 @@ class Stage(abc.ABC):
         """JSON metadata saved with every checkpoint."""
         return {}
 
+    def step_flops(self) -> float | None:
+        """Model FLOPs of one optimizer step on the global batch (sorajax.flops; for the MFU the
+        trainer logs), or None when this stage has no count."""
+        return None
+
     def on_end(self, state: dict, trainer: Trainer, writer, step: int) -> None:
         """After the last step's checkpoint, on every process."""
 
@@ -117,7 +121,7 @@ class VAEStage(Stage):
         return nnx.Param
 
     def source(self, mesh):
-        return builders.world_source(self.config.data, "train", build=False)
+        return builders.source(self.config.data, "train", build=False)
 
     def local_batch(self, batch):
         """Optionally trains on the first `clip_frames` frames: a causal VAE trained on 1 + r
@@ -127,6 +131,14 @@ class VAEStage(Stage):
         if n and batch["frames"].shape[1] > n:
             batch = dict(batch, frames=batch["frames"][:, :n])
         return batch
+
+    def step_flops(self):
+        """Encode + decode of the batch's clips, forward and backward (3x the forward)."""
+        d = self.config.data
+        n = int(self.tcfg.clip_frames) or int(d.frames)
+        fwd = flops.vae_encode_flops(self.vae_cfg, n, d.height, d.width) + \
+            flops.vae_decode_flops(self.vae_cfg, n, d.height, d.width)
+        return 3.0 * int(self.tcfg.batch_size) * fwd
 
     def loss(self, model, batch, key):
         x = batch["frames"]  # (B, T, H, W, 3) in [-1, 1]
@@ -203,7 +215,7 @@ def ensure_tokenizer(config, run_dir) -> str:
         return config.text.tokenizer
     path = os.path.join(run_dir, "tokenizer", "spiece.model")
     if jax.process_index() == 0 and not os.path.exists(path):
-        caps = builders.captions(builders.world_source(config.data, "train", build=False))
+        caps = builders.captions(builders.source(config.data, "train", build=False))
         try:
             tok_lib.train_tokenizer(caps, path, config.text.vocab_size)
         except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the captions' characters
@@ -246,7 +258,7 @@ class DiTStage(Stage):
         if not self.config.vae.precompute_latents:
             return
         config = self.config
-        world = builders.world_source(config.data, "train", build=False)
+        world = builders.source(config.data, "train", build=False)
         self.latent_source = latents.cached_latents(
             config, self.run_dir, mesh, world, vae_provenance(config, self.run_dir),
             lambda: load_vae_state(config, self.run_dir, mesh))
@@ -273,7 +285,7 @@ class DiTStage(Stage):
     def source(self, mesh):
         if self.latent_source is not None:
             return self.latent_source
-        return builders.world_source(self.config.data, "train", build=False)
+        return builders.source(self.config.data, "train", build=False)
 
     def transform(self, example):
         ids, mask = self.tokenizer.encode([builders.decode_text(example["caption"])],
@@ -303,6 +315,18 @@ class DiTStage(Stage):
         v = model.velocity(xt, sigma, ctx)
         loss = flow.flow_loss(v, flow.velocity_target(x0, noise))
         return loss, {}
+
+    def step_flops(self):
+        """DiT forward + backward, the text encoder (backward too when trained), and the frozen
+        VAE's encode when latents are not precomputed (flops.dit_train_step_flops)."""
+        vae_cfg, dit_cfg, text_cfg = self.cfgs
+        d, b = self.config.data, int(self.tcfg.batch_size)
+        shape = latent_shape(vae_cfg, int(d.frames), int(d.height), int(d.width))[:3]  # (t, h, w)
+        total = flops.dit_train_step_flops(dit_cfg, text_cfg, b, shape, int(self.config.text.max_length),
+                                           bool(self.config.text.trainable))
+        if not self.config.vae.precompute_latents:
+            total += b * flops.vae_encode_flops(vae_cfg, int(d.frames), int(d.height), int(d.width))
+        return total
 
     def init_state(self, state, trainer, mesh):
         """Every weight from `init_from` (fine-tuning an imported or trained model), or else the
@@ -335,7 +359,7 @@ class DiTStage(Stage):
             return
         try:
             pipe = inference.load_pipeline(workdir=self.run_dir)
-            prompts = [p.caption for p in world_lib.EVAL_PROMPTS[:4]]
+            prompts = builders.sample_prompts(self.config.data, 4)
             frames = pipe.generate(prompts, seed=0)["frames"]  # (N, T, H, W, 3) in [0, 1]
             os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
             video_io.write(os.path.join(self.run_dir, "samples", f"step_{step}.gif"), frames, prompts)

@@ -8,6 +8,7 @@ stopped, SIGTERM/NaN handling.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from sorajax import checkpoint as ckpt_lib
-from sorajax import cli, config_lib, fileio, sharding, stages, validate
+from sorajax import cli, config_lib, fileio, flops, sharding, stages, validate
 from sorajax.data import builders, pipeline
 from sorajax.errors import RunFailed, UserError
 from sorajax.train_state import Trainer
@@ -68,6 +69,35 @@ class _Stop:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_matmul_ceiling(n: int = 1024, repeats: int = 5) -> float:
+    """This machine's f32 matmul FLOP/s (jitted n x n @ n x n on the first CPU device, the best of
+    `repeats` after a warm-up; ~0.3 s once per process): the CPU stand-in for a chip's peak in the
+    trainer's MFU. scripts/benchmark.py measures the ceiling more carefully (larger sizes)."""
+    a = jax.device_put(np.ones((n, n), np.float32), jax.devices("cpu")[0])
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def _run_peak_flops(devices) -> tuple[float | None, str]:
+    """(peak FLOP/s of all `devices` together, what it is) for the trainer's MFU: the chips' bf16
+    peak (flops.PEAK_BF16_FLOPS) times their count on TPU/GPU; on CPU the measured f32 matmul
+    ceiling of the machine (fake CPU devices share its cores: not multiplied); None if unknown."""
+    devices = list(devices)
+    if devices and devices[0].platform == "cpu":
+        return _cpu_matmul_ceiling(), "cpu f32 matmul ceiling (measured)"
+    peak = flops.peak_flops(devices[0]) if devices else None
+    if peak is None:
+        return None, "unknown chip"
+    return peak * len(devices), f"{len(devices)} x {devices[0].device_kind} bf16 peak"
 
 
 def _append_jsonl(path, obj):
@@ -136,6 +166,12 @@ def run_stage(stage: stages.Stage, config, mesh) -> dict:
                          "meta": dict(stage.meta(), stage=stage.name, step=int(step))}, force=force)
 
     total, max_bad = int(tcfg.steps), int(tcfg.max_nonfinite_in_a_row)
+    # Throughput: model FLOPs per step (flops.py) over the peak of this run's devices -> MFU.
+    step_flops = stage.step_flops()
+    peak, peak_what = _run_peak_flops(mesh.devices.flat) if step_flops else (None, "")
+    if lead and step_flops:
+        print(f"[{stage.name}] {step_flops / 1e9:.3g} GFLOP per step; MFU against "
+              f"{peak / 1e12 if peak else float('nan'):.3g} TFLOP/s ({peak_what})", flush=True)
     t_last, s_last = time.time(), step0
     step = step0
     bar = tqdm(total=total, initial=step0, desc=f"train {stage.name}", unit="step",
@@ -164,6 +200,10 @@ def run_stage(stage: stages.Stage, config, mesh) -> dict:
                 sps = (step - s_last) / max(now - t_last, 1e-9)
                 t_last, s_last = now, step
                 bad_run = int(jax.device_get(state["train"]["nonfinite_in_a_row"]))
+                if step_flops:
+                    host["model_tflops_per_sec"] = step_flops * sps / 1e12
+                    if peak:
+                        host["mfu"] = step_flops * sps / peak
                 if lead:
                     _append_jsonl(metrics_path, {"step": step, "stage": stage.name, **host,
                                                  "steps_per_sec": sps})
@@ -219,7 +259,7 @@ def train_and_evaluate(config, workdir: str):
     _write_config(config, workdir)
     # Process 0 builds the dataset (once); the others wait, then read it.
     if jax.process_index() == 0:
-        builders.world_source(config.data, "train", build=True)
+        builders.source(config.data, "train", build=True)
     sharding.sync("sorajax:world_built")
     out = None
     for name in config.stages:

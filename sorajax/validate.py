@@ -3,6 +3,7 @@ its value and what is allowed. Used by the trainer, the sampler and the AOT plan
 not import the trainer)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -30,15 +31,41 @@ def _need(ok, field, value, allowed):
         raise UserError(f"{field}={value!r}: {allowed}")
 
 
-def _validate_stage(config, stage: str, rt: int) -> None:
+def _folder_dataset(d) -> dict:
+    """data.source='folder': the prepared DATA_DIR's summary (report.json "dataset", written by
+    `python -m sorajax.data.prepare`), checked against data.frames/height/width."""
+    _need(isinstance(d.dir, str) and d.dir, "data.dir", d.dir,
+          "data.source='folder' trains on a prepared DATA_DIR: pass --config.data.dir=DATA_DIR "
+          "(python -m sorajax.data.prepare --src VIDEOS_DIR --out DATA_DIR writes one)")
+    path = os.path.join(d.dir, "report.json")
+    try:
+        with open(path) as f:
+            ds = json.load(f)["dataset"]
+        shape = tuple(int(ds[k]) for k in ("frames", "height", "width"))
+        train = int(ds["splits"]["train"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"data.dir={d.dir!r}: not a prepared dataset ({path}: "
+                        f"{getattr(e, 'strerror', None) or type(e).__name__}); prepare it with "
+                        f"python -m sorajax.data.prepare --src VIDEOS_DIR --out {d.dir}") from None
+    want = (d.frames, d.height, d.width)
+    _need(shape == want, "data.dir", d.dir,
+          f"its clips are {'x'.join(map(str, shape))} (frames x height x width) but the config's "
+          f"data.frames/height/width are {'x'.join(map(str, want))}; prepare it again with --frames "
+          f"{want[0]} --height {want[1]} --width {want[2]} (or --config), or change the config")
+    return {"train_clips": train}
+
+
+def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
     name = config_base.STAGE_SECTIONS[stage]
     t, d = config[name], config.data
     _need(is_int(t.steps) and t.steps >= 0, f"{name}.steps", t.steps, "must be an integer >= 0")
     for k in ("batch_size", "log_every", "ckpt_every", "grad_accum", "keep_checkpoints",
               "max_nonfinite_in_a_row"):
         _need(is_int(t[k]) and t[k] >= 1, f"{name}.{k}", t[k], "must be an integer >= 1")
-    _need(t.batch_size <= d.num_train, f"{name}.batch_size", t.batch_size,
-          f"must be <= data.num_train={d.num_train} (incomplete batches are dropped)")
+    what = f"data.num_train={num_train}" if d.source == "world" else \
+        f"the {num_train} training clips in data.dir={d.dir!r}"
+    _need(t.batch_size <= num_train, f"{name}.batch_size", t.batch_size,
+          f"must be <= {what} (incomplete batches are dropped)")
     _need(is_num(t.lr) and t.lr >= 0, f"{name}.lr", t.lr, "must be a finite number >= 0")
     _need(is_int(t.warmup_steps) and t.warmup_steps >= 0, f"{name}.warmup_steps", t.warmup_steps,
           "must be an integer >= 0")
@@ -73,6 +100,9 @@ def validate(config) -> None:
     d = config.data
     for k in ("frames", "height", "width", "num_train"):
         _need(is_int(d[k]) and d[k] >= 1, f"data.{k}", d[k], "must be an integer >= 1")
+    _need(d.source in ("world", "folder"), "data.source", d.source,
+          "must be 'world' (the synthetic world) or 'folder' (a prepared data.dir)")
+    num_train = _folder_dataset(d)["train_clips"] if d.source == "folder" else d.num_train
     vae_cfg, dit_cfg, _ = video.model_configs(config)  # UserError on unknown variants/overrides
     rt, rs = vae_cfg.temporal_stride, vae_cfg.spatial_stride
     _need((d.frames - 1) % rt == 0, "data.frames", d.frames,
@@ -84,7 +114,7 @@ def validate(config) -> None:
     _need((1 + (d.frames - 1) // rt) % pt == 0, "data.frames", d.frames,
           f"gives {1 + (d.frames - 1) // rt} latent frames, not divisible by the DiT temporal patch {pt}")
     for stage in stages:
-        _validate_stage(config, stage, rt)
+        _validate_stage(config, stage, rt, num_train)
     if "dit" in stages:
         _need(is_int(config.text.max_length) and config.text.max_length >= 2, "text.max_length",
               config.text.max_length, "must be an integer >= 2 (tokens and </s>)")

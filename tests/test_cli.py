@@ -30,30 +30,32 @@ def _losses(path):
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run_dir, tmp_path):
-    """Stopped after DiT step 3 and restarted: metrics.jsonl equals the uninterrupted run's,
-    bit for bit (params, optimizer, EMA, RNG and data iterator all restored; 8 devices)."""
+    """Restarted from the DiT checkpoint of step 3 (its later checkpoint and every logged row
+    removed): the steps the resumed process computes itself, 4 to 6, equal the uninterrupted
+    run's bit for bit (params, optimizer, EMA, RNG and data iterator all restored; 8 devices)."""
     import shutil
 
-    data = run_dir.parent / "data"
     # The VAE stage's exact resume is tests/test_reliability.py's; here the finished VAE stage is
-    # taken from the uninterrupted run (the run skips it), and the DiT stage stops and resumes.
-    (tmp_path / "b").mkdir()
-    shutil.copytree(run_dir / "vae", tmp_path / "b" / "vae")
-    b1 = _train(tmp_path / "b", data, "--config.dit_train.steps=3")
-    assert b1.returncode == 0, b1.stderr[-3000:]
-    b2 = _train(tmp_path / "b", data)
-    assert b2.returncode == 0, b2.stderr[-3000:]
-    assert "[vae] already trained" in b2.stdout and "[dit] resumed" in b2.stdout
-    for sub in ("vae/metrics.jsonl", "metrics.jsonl"):
-        la, lb = _losses(run_dir / sub), _losses(tmp_path / "b" / sub)
-        assert [s for s, _ in la] == [s for s, _ in lb] == list(range(1, 7))
-        assert [l for _, l in la] == [l for _, l in lb]
+    # kept (the run skips it) and the DiT stage restarts from its step-3 checkpoint.
+    b = tmp_path / "b"
+    shutil.copytree(run_dir, b)
+    assert sorted(os.listdir(b / "checkpoints")) == ["3", "6"]
+    shutil.rmtree(b / "checkpoints" / "6")
+    os.remove(b / "metrics.jsonl")  # every row below is written by the resumed process
+    r = _train(b, run_dir.parent / "data")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[vae] already trained" in r.stdout and "[dit] resumed" in r.stdout
+    want, got = _losses(run_dir / "metrics.jsonl"), _losses(b / "metrics.jsonl")
+    assert [s for s, _ in want] == list(range(1, 7)) and [s for s, _ in got] == [4, 5, 6]
+    assert got == want[3:]
 
 
 def test_train_outputs(run_dir):
     rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     assert rows and all("step" in r and "loss" in r for r in rows)
     assert all(np.isfinite(r["loss"]) for r in rows)
+    # Throughput against the machine's measured f32 matmul ceiling (flops.run_peak_flops on CPU).
+    assert all(r["model_tflops_per_sec"] > 0 and 0 < r["mfu"] < 1.5 for r in rows)
     assert os.path.isdir(run_dir / "checkpoints" / "6") and os.path.isdir(run_dir / "vae" / "checkpoints" / "6")
     assert any(f.startswith("events") for f in os.listdir(run_dir / "tensorboard"))
     assert (run_dir / "config.json").exists() and (run_dir / "tokenizer" / "spiece.model").exists()
@@ -185,3 +187,25 @@ def test_sampler_refuses_a_context_split_it_cannot_make(run_dir):
     assert out["latents"].shape == (1, 3, 8, 8, 8)
     with pytest.raises(UserError, match="60 DiT tokens, which the 8 context-parallel devices cannot split"):
         pipe.generate(["a red circle moves right"], seed=0, steps=1, height=40, decode=False)
+
+
+def test_commands_turn_the_persistent_compilation_cache_on(monkeypatch, tmp_path):
+    """cli.run (every command) points JAX at a persistent compilation cache: the user's
+    JAX_COMPILATION_CACHE_DIR, else ~/.cache/sorajax/xla; SORAJAX_COMPILATION_CACHE=0 opts out."""
+    import jax
+
+    from sorajax import cli
+
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    try:
+        assert cli.use_compilation_cache({"SORAJAX_COMPILATION_CACHE": "0"}) == ""
+        assert jax.config.jax_compilation_cache_dir is None
+        assert cli.use_compilation_cache({}) == str(tmp_path / ".cache" / "sorajax" / "xla")
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert cli.run(lambda argv: 0, []) == 0  # what every command's main goes through
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / ".cache" / "sorajax" / "xla")
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+        assert cli.use_compilation_cache({}) == str(tmp_path / "mine")  # the user's choice stands
+    finally:
+        jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR"))

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import FIXTURES, ROOT, cli_env
 
-SETTINGS = settings(max_examples=7, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=5, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 
 
@@ -171,13 +171,14 @@ def test_sample_cli_exit_0_or_2_no_traceback_no_partial_files(ckpt, src, out, pr
 # ----------------------------------------------------------------------------------------------
 EVAL_GOOD = st.sampled_from([
     ["--ground-truth"], ["--seed", "3"], ["--frames", "9"], ["--height", "32", "--width", "32"],
-    ["--batch-size", "13"], ["--steps", "1"],
+    ["--batch-size", "13"], ["--steps", "1"], ["--prompts", "validation"], ["--seeds", "2"],
 ])
 EVAL_BAD = st.sampled_from([
     ["--out", "{T}/r.txt"], ["--out", "{T}/nodir/r.json"], ["--out", "/proc/r.json"], ["--out", "{T}/empty"],
     ["--out", ""], ["--frames", "0"], ["--frames", "x"], ["--height", "4"], ["--width", "-1"],
     ["--batch-size", "0"], ["--steps", "0"], ["--guidance", "zz"], ["--workdir", "{T}/missing"],
-    ["--workdir", "{T}/empty"], ["--workdir", "{T}/file.txt"], ["--bogus"],
+    ["--workdir", "{T}/empty"], ["--workdir", "{T}/file.txt"], ["--bogus"], ["--seeds", "0"],
+    ["--prompts", "train"],
 ])
 
 

@@ -38,16 +38,15 @@ def test_config_docstrings_are_launch_commands():
         assert "python -m sorajax.train --config configs/" + path.name in doc, path.name
 
 
-def test_wan_family_runlocal_trains_and_samples(tmp_path):
+def test_wan_family_runlocal_trains(tmp_path):
     wd = tmp_path / "wan"
     r = run_cli(["-m", "sorajax.train", "--config", "configs/wan2_1_t2v_1p3b.py:runlocal", "--workdir", str(wd),
                  f"--config.data.data_dir={tmp_path / 'data'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
     assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
-    r = run_cli(["-m", "sorajax.sample", "--workdir", str(wd), "--prompt", "a red circle moves right",
-                 "--out", str(tmp_path / "w.gif")])
-    assert r.returncode == 0, r.stderr[-3000:]
+    # Sampling a Wan-family run (frozen UMT5, tokenizer from a file, UniPC): tests/test_convert.py
+    # samples its fine-tuned run, and the converted checkpoint in tests/test_cli_fuzz.py.
 
 
 POD_PRESETS = {  # preset -> (topology, slices): the chips its mesh must use exactly

@@ -17,6 +17,9 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up",
             "down-left": "up-right"}
 
 
+SINGLE = [p for p in world.EVAL_PROMPTS if len(p.spec["objects"]) == 1 and not p.spec["occluder"]]
+
+
 def _render(prompts, **override):
     clips = []
     for p in prompts:
@@ -26,28 +29,30 @@ def _render(prompts, **override):
     return clips
 
 
-def test_eval_prompts_cover_the_world():
-    ps = world.EVAL_PROMPTS
-    assert len(ps) >= 24
-    objs = [p.spec["objects"][0] for p in ps]
-    assert {o["color"] for o in objs} == set(world.COLORS)
-    assert {o["shape"] for o in objs} == set(world.SHAPES)
-    assert {o["size"] for o in objs} == set(world.SIZES)
-    assert {"left", "right", "up", "down", "up-left", "down-right"} <= {o["motion"] for o in objs}
-    for p in ps:
-        assert p.caption == world.caption_from_meta(p.spec)
-        assert len(p.spec["objects"]) == 1 and not p.spec["occluder"]
-    assert len({p.seed for p in ps}) == len(ps)
+def test_eval_prompts_are_the_test_set():
+    assert world.EVAL_PROMPTS is world.TEST_PROMPTS  # older callers keep working
+    assert world.PROMPT_SETS == {"test": world.TEST_PROMPTS, "validation": world.VALIDATION_PROMPTS}
+    assert len(SINGLE) >= 24
+
+
+def test_eval_seeds_are_not_training_seeds():
+    """Ground truth of eval prompts draws from its own SeedSequence stream; the integers also
+    miss the toy run's training clip seeds."""
+    from sorajax.data import builders
+    train = {builders.clip_seed(0, split, i) for split in builders.SPLIT_IDS for i in range(4096)}
+    for ps in world.PROMPT_SETS.values():
+        assert not {p.seed for p in ps} & train
 
 
 def test_ground_truth_scores_high():
-    clips = _render(world.EVAL_PROMPTS)
+    clips = [world.render_prompt(p, CFG)["frames"] for p in world.EVAL_PROMPTS]
     r = ev.score_clips(clips, [p.spec for p in world.EVAL_PROMPTS])
     m = r["metrics"]
-    for k in ("color_adherence", "direction_adherence", "prompt_adherence"):
+    for k in ("color_adherence", "direction_adherence", "shape_adherence", "size_adherence",
+              "count_adherence", "background_adherence", "persistence", "temporal_consistency",
+              "object_permanence", "prompt_adherence"):
         assert m[k] >= 0.98, (k, m)
-    assert m["shape_adherence"] >= 0.9 and m["size_adherence"] >= 0.9
-    assert all(0.0 <= v <= 1.0 for v in m.values())
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in m.values())
     json.dumps(r)
     # float [0, 1] input reads the same as uint8
     f = ev.analyze_clip(clips[0].astype(np.float32) / 255, world.EVAL_PROMPTS[0].spec)
@@ -63,22 +68,23 @@ def test_robust_to_blur_and_noise():
             x = 0.25 * np.roll(x, -1, ax) + 0.5 * x + 0.25 * np.roll(x, 1, ax)
         return np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1)
 
-    clips = [degrade(c) for c in _render(world.EVAL_PROMPTS)]
+    clips = [degrade(world.render_prompt(p, CFG)["frames"]) for p in world.EVAL_PROMPTS]
     m = ev.score_clips(clips, [p.spec for p in world.EVAL_PROMPTS])["metrics"]
-    assert m["color_adherence"] >= 0.95 and m["direction_adherence"] >= 0.95, m
+    for k in ("color_adherence", "direction_adherence", "count_adherence", "background_adherence",
+              "size_adherence", "shape_adherence", "temporal_consistency", "persistence"):
+        assert m[k] >= 0.9, (k, m)
 
 
 def test_wrong_colour_is_detected():
     names = list(world.COLORS)
-    clips = _render(world.EVAL_PROMPTS,
-                    color=lambda o: names[(names.index(o["color"]) + 3) % len(names)])
-    m = ev.score_clips(clips, [p.spec for p in world.EVAL_PROMPTS])["metrics"]
+    clips = _render(SINGLE, color=lambda o: names[(names.index(o["color"]) + 3) % len(names)])
+    m = ev.score_clips(clips, [p.spec for p in SINGLE])["metrics"]
     assert m["color_adherence"] <= 0.05, m
     assert m["direction_adherence"] >= 0.98  # only the colour is wrong
 
 
 def test_reversed_motion_is_detected():
-    moving = [p for p in world.EVAL_PROMPTS if p.spec["objects"][0]["motion"] != "still"]
+    moving = [p for p in SINGLE if p.spec["objects"][0]["motion"] != "still"]
     clips = _render(moving, motion=lambda o: OPPOSITE[o["motion"]])
     m = ev.score_clips(clips, [p.spec for p in moving])["metrics"]
     assert m["direction_adherence"] <= 0.05 and m["direction_cosine"] <= 0.05, m
@@ -86,7 +92,7 @@ def test_reversed_motion_is_detected():
     # Static clips for moving prompts fail; moving clips for still prompts fail.
     still = _render(moving, motion=lambda o: "still")
     assert ev.score_clips(still, [p.spec for p in moving])["metrics"]["direction_adherence"] == 0
-    stills = [p for p in world.EVAL_PROMPTS if p.spec["objects"][0]["motion"] == "still"]
+    stills = [p for p in SINGLE if p.spec["objects"][0]["motion"] == "still"]
     assert stills
     moved = _render(stills, motion=lambda o: "right")
     assert ev.score_clips(moved, [p.spec for p in stills])["metrics"]["direction_adherence"] == 0
@@ -94,7 +100,7 @@ def test_reversed_motion_is_detected():
 
 def test_blank_clip_fails():
     r = ev.analyze_clip(np.zeros((9, 32, 32, 3), np.float32), world.EVAL_PROMPTS[0].spec)
-    assert not r["color_ok"] and not r["direction_ok"]
+    assert not r["color_ok"] and not r["direction_ok"] and not r["count_ok"]
 
 
 def test_benchmark_scores_what_a_generate_function_returns():
@@ -108,10 +114,33 @@ def test_benchmark_scores_what_a_generate_function_returns():
 
     rep = ev.run_benchmark(generate, seed=1, info={"source": "test"})
     assert rep["metrics"]["prompt_adherence"] >= 0.98
-    assert calls == [(13, 1), (13, 14)]  # two batches of one shape; batch seeds offset by index
+    assert calls == [(12, 1), (12, 13), (12, 25), (12, 37)]  # batches of one shape, seeds offset
     assert rep["info"]["source"] == "test" and rep["info"]["frames"] == 9
+    assert rep["info"]["prompts"] == "test" and len(rep["videos"]) == 48
+    assert set(rep["stderr"]) == set(rep["metrics"]) and rep["stderr"]["color_adherence"] is None
     blank = ev.run_benchmark(lambda caps, seed: np.zeros((len(caps), 9, 32, 32, 3), np.float32))
     assert blank["metrics"]["color_adherence"] == 0.0
+
+
+def test_seeds_give_standard_errors_and_prompt_sets_switch():
+    calls = []
+    truth = ev.ground_truth_generate(CFG)
+
+    def generate(captions, seed):
+        calls.append((len(captions), seed))
+        if seed >= 24:  # the second sampling seed draws blank clips
+            return np.zeros((len(captions), 9, 32, 32, 3), np.float32)
+        return truth(captions, seed)
+
+    rep = ev.run_benchmark(generate, seeds=2, prompts="validation")
+    assert calls == [(12, 0), (12, 12), (12, 24), (12, 36)]  # seed k starts at k * 24
+    m, se = rep["metrics"], rep["stderr"]
+    assert abs(m["color_adherence"] - 0.5) < 0.02  # the mean of 1.0 and 0.0
+    assert abs(se["color_adherence"] - 0.5) < 0.02  # std (ddof 1) 0.707 / sqrt(2)
+    assert len(rep["videos"]) == 48 and rep["info"]["seeds"] == 2
+    assert {v["sample"] for v in rep["videos"]} == {0, 1}
+    with pytest.raises(ValueError):
+        ev.run_benchmark(generate, prompts="train")
 
 
 def test_model_generate_passes_the_sampling_settings():
@@ -121,12 +150,12 @@ def test_model_generate_passes_the_sampling_settings():
     class Pipe:
         def generate(self, prompts, *, seed, steps, guidance, **size):
             calls.append((len(prompts), seed, steps, guidance, size))
-            return {"frames": np.stack([world.render_prompt(by_caption[c], CFG)["frames"]
+            return {"frames": np.stack([world.render_prompt(by_caption[c], CFG, seed)["frames"]
                                         for c in prompts]).astype(np.float32) / 255}
 
     rep = ev.run_benchmark(ev.model_generate(Pipe(), steps=4, guidance=2.0, frames=9), seed=1)
     assert rep["metrics"]["prompt_adherence"] >= 0.98
-    assert calls[0] == (13, 1, 4, 2.0, {"frames": 9})
+    assert calls[0] == (12, 1, 4, 2.0, {"frames": 9})
 
 
 def _cli(*args):
@@ -144,8 +173,12 @@ def test_cli_ground_truth_writes_json(tmp_path):
     assert all(isinstance(v, float) and 0 <= v <= 1 for v in rep["metrics"].values())
     assert len(rep["videos"]) == len(world.EVAL_PROMPTS)
     v = rep["videos"][0]
-    for k in ("prompt", "seed", "color", "displacement", "passed"):
+    for k in ("prompt", "seed", "color", "displacement", "passed", "objects", "background"):
         assert k in v
+    for k in ("count_adherence", "object_permanence", "persistence", "background_adherence",
+              "temporal_consistency"):
+        assert rep["metrics"][k] >= 0.98, rep["metrics"]
+    assert set(rep["stderr"]) == set(rep["metrics"])
     assert [f for f in os.listdir(tmp_path)] == ["gt.json"]  # no temp files left
 
 
@@ -163,6 +196,8 @@ def test_cli_bad_out_dir_subprocess(tmp_path):
     ["--workdir", "{tmp}/nope", "--out", "{tmp}/r.json"],
     ["--out", "{tmp}/r.json"],
     ["--ground-truth", "--out", "{tmp}/r.json", "--frames", "0"],
+    ["--ground-truth", "--out", "{tmp}/r.json", "--seeds", "0"],
+    ["--ground-truth", "--out", "{tmp}/r.json", "--prompts", "train"],
     ["--ground-truth", "--out", "{tmp}/r.json", "--bogus"],
     ["--ground-truth"],
 ])

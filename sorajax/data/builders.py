@@ -1,4 +1,4 @@
-"""TFDS builders (array_record, no TensorFlow needed): the synthetic world.
+"""TFDS builders (array_record, no TensorFlow needed): the synthetic world and video folders.
 
 Frames are stored as a zlib-encoded uint8 `Tensor` (TFDS's Video/Image features need
 TensorFlow); captions as `Text` (decodes to bytes through `tfds.data_source`); the ground
@@ -9,6 +9,13 @@ name encodes it, so several coexist in one data_dir:
 
 Clip seeds are derived from (seed, split, index), so train and validation never share a clip and
 example i of a split is always the same clip (TFDS shuffling is disabled: order = index).
+
+A video folder (`python -m sorajax.data.prepare`, docs/DATA.md) has the same layout ("frames",
+"caption", and "meta": JSON of the source file and clip index), one config per DATA_DIR:
+
+    DATA_DIR/video_folder/f9_32x32_fps8_<content hash>/1.0.0/video_folder-train.array_record-*
+
+`source(data_cfg, split, build=)` picks the one a config's `data.source` names.
 """
 from __future__ import annotations
 
@@ -208,3 +215,127 @@ def world_source(data_cfg, split: str, *, build: bool):
 def captions(source) -> list[str]:
     """Every caption of a random-access source, in order."""
     return [decode_text(source[i]["caption"]) for i in range(len(source))]
+
+
+# ==============================================================================================
+# Video folders (sorajax/data/prepare.py writes them; training reads them like the world).
+# ==============================================================================================
+FOLDER_ROOT = "video_folder"  # DATA_DIR/video_folder/<config>/<version>
+
+
+@dataclasses.dataclass
+class VideoFolderConfig(tfds.core.BuilderConfig):
+    frames: int = 9
+    height: int = 32
+    width: int = 32
+    fps: float = 8.0
+
+
+def folder_config(*, frames: int, height: int, width: int, fps: float, digest: str):
+    """The config of a prepared folder; its name holds the clip shape and a content digest (which
+    the DiT latent cache keys on)."""
+    f = f"{fps:g}".replace(".", "p")
+    return VideoFolderConfig(name=f"f{frames}_{height}x{width}_fps{f}_{digest}",
+                             description=f"video folder clips {frames}x{height}x{width} at {fps:g} fps",
+                             frames=frames, height=height, width=width, fps=float(fps))
+
+
+class VideoFolder(tfds.core.GeneratorBasedBuilder):
+    """Clips of a user's videos and images with captions (written by sorajax.data.prepare from
+    its per-file intermediates; read back with `tfds.builder_from_directory`, no class needed)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIG_CLASS = VideoFolderConfig
+    BUILDER_CONFIGS = []
+
+    def __init__(self, *, items: dict[str, list[dict]] | None = None, **kwargs):
+        # items: split -> [{"clips_path", "count", "caption", "file", "kind", "stride"}, ...]
+        self._items = items or {}
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        c = self.builder_config
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Clips cut from a folder of videos and images, with captions (sorajax).",
+            features=tfds.features.FeaturesDict({
+                "frames": tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3),
+                                               dtype=np.uint8, encoding="zlib"),
+                "caption": tfds.features.Text(),
+                "meta": tfds.features.Text(),  # JSON: file, clip, start_s, kind
+            }),
+            disable_shuffling=True,  # file order (sorted paths), then clip order
+            homepage="https://example.invalid/sorajax",
+        )
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(items) for split, items in self._items.items()}
+
+    def _generate_examples(self, items):
+        c = self.builder_config
+        key = 0
+        for it in items:
+            clips = np.memmap(it["clips_path"], np.uint8, "r",
+                              shape=(it["count"], c.frames, c.height, c.width, 3))
+            for j in range(it["count"]):
+                start = None if it["kind"] == "image" else round(j * it["stride"] / c.fps, 3)
+                meta = json.dumps({"file": it["file"], "clip": j, "start_s": start, "kind": it["kind"]})
+                yield key, {"frames": np.asarray(clips[j]), "caption": it["caption"], "meta": meta}
+                key += 1
+            del clips
+
+
+def folder_path(data_dir: str) -> str:
+    """DATA_DIR/video_folder/<config>/<version> of the one prepared dataset under data_dir
+    (UserError naming the problem otherwise)."""
+    root = os.path.join(os.fspath(data_dir), FOLDER_ROOT)
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    names = [n for n in names if os.path.isdir(os.path.join(root, n, str(VideoFolder.VERSION)))]
+    if len(names) != 1:
+        what = f"found {len(names)} datasets" if names else "no prepared dataset"
+        raise UserError(f"data.dir={data_dir!r}: {what} under {root!r}; prepare one with "
+                        f"`python -m sorajax.data.prepare --src VIDEOS_DIR --out {data_dir}`")
+    return os.path.join(root, names[0], str(VideoFolder.VERSION))
+
+
+def folder_source(data_cfg, split: str):
+    """The prepared folder split at data_cfg.dir, refused (UserError) unless its clips are the
+    config's data.frames x height x width."""
+    if not data_cfg.dir:
+        raise UserError("data.dir='': data.source='folder' reads a prepared DATA_DIR; pass "
+                        "--config.data.dir=DATA_DIR (python -m sorajax.data.prepare writes one)")
+    builder = tfds.builder_from_directory(folder_path(data_cfg.dir))
+    shape = tuple(builder.info.features["frames"].shape)
+    want = (data_cfg.frames, data_cfg.height, data_cfg.width, 3)
+    if shape != want:
+        raise UserError(f"data.dir={data_cfg.dir!r}: clips are {shape[0]}x{shape[1]}x{shape[2]} "
+                        f"(frames x height x width) but the config asks {want[0]}x{want[1]}x{want[2]}; "
+                        "prepare again with --frames/--height/--width or set data.frames/height/width")
+    if split not in builder.info.splits:
+        raise UserError(f"data.dir={data_cfg.dir!r}: no {split!r} split (has "
+                        f"{', '.join(builder.info.splits)}); prepare with --val-fraction > 0 for one")
+    return builder.as_data_source(split=split)
+
+
+def source(data_cfg, split: str, *, build: bool):
+    """The split a config's `data` section names: the synthetic world (built first when `build`
+    and missing) or a prepared video folder (data.source='folder', data.dir)."""
+    if data_cfg.source == "folder":
+        return folder_source(data_cfg, split)
+    return world_source(data_cfg, split, build=build)
+
+
+def sample_prompts(data_cfg, n: int) -> list[str]:
+    """n prompts for end-of-training samples: the world's evaluation prompts, or the first
+    distinct captions of a folder's training split."""
+    if data_cfg.source != "folder":
+        return [p.caption for p in world_lib.EVAL_PROMPTS[:n]]
+    src, out = folder_source(data_cfg, "train"), []
+    for i in range(len(src)):
+        c = decode_text(src[i]["caption"])
+        if c not in out:
+            out.append(c)
+            if len(out) == n:
+                break
+    return out

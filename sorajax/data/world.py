@@ -323,6 +323,13 @@ def meta_to_json(meta: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 _EVAL_MOTIONS = ("right", "left", "up", "down", "up-right", "down-left", "up-left", "down-right")
+# Prompt seeds of the two splits (disjoint). Their ground truth is drawn from SeedSequence stream
+# `_EVAL_STREAM` ([seed, 2]); training clips use streams 0 (spec) and 1 (render) of their
+# clip_seed, so no evaluation clip shares random draws with a training clip even where the
+# integers happen to meet.
+EVAL_SEED_BASE = {"test": 1000, "validation": 5000}
+_EVAL_STREAM = 2
+_GAP = 2.0  # pixels kept between ground-truth objects, and between objects and a wall they avoid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,42 +339,162 @@ class EvalPrompt:
     seed: int
 
 
-def _make_eval_prompts() -> list[EvalPrompt]:
-    """26 prompts: 3 rounds over the 8 colours, each colour with 3 different directions (all 8
-    directions, all shapes x sizes appear), plus 2 still objects. Plain black background, no
-    occluder."""
-    colors = list(COLORS)
-    sizes = list(SIZES)
-    specs = []
-    for k in range(3):
-        for i, color in enumerate(colors):
-            specs.append({"shape": SHAPES[(i + k) % 3], "color": color,
-                          "size": sizes[(i + k) % 2],
-                          "motion": _EVAL_MOTIONS[(i + 3 * k) % len(_EVAL_MOTIONS)]})
-    specs.append({"shape": "circle", "color": "yellow", "size": "large", "motion": "still"})
-    specs.append({"shape": "triangle", "color": "blue", "size": "small", "motion": "still"})
+def _make_eval_prompts(split: str) -> list[EvalPrompt]:
+    """Prompts of one split. The test split (48): 24 single objects (3 rounds over the 8 colours,
+    all 8 directions, shapes x sizes, backgrounds cycling over the 4), 2 still objects, 4
+    single objects on two-tone backgrounds, 8 two-object and 2 three-object prompts and 8 wall
+    prompts (the first object crosses behind the wall moving left or right; some with a second
+    object). The validation split (24) takes the same recipe with other attribute rotations and
+    fewer rounds. Objects within a prompt have distinct colours."""
+    rot, rounds, n_still, n_two_tone, n_two, n_three, n_wall = (
+        (0, 3, 2, 4, 8, 2, 8) if split == "test" else (1, 1, 2, 2, 5, 1, 6))
+    colors, sizes, bgs = list(COLORS), list(SIZES), list(BACKGROUNDS)
+
+    def obj(i, shape=None, size=None, motion=None):
+        return {"shape": shape or SHAPES[(i + rot) % 3], "color": colors[i % 8],
+                "size": size or sizes[(i // 3 + rot) % 2],
+                "motion": motion or _EVAL_MOTIONS[(i + rot) % 8]}
+
+    specs = []  # (objects, background, occluder)
+    for k in range(rounds):
+        for i in range(8):
+            specs.append(([obj(i, SHAPES[(i + k + rot) % 3], sizes[(i + k + rot) % 2],
+                               _EVAL_MOTIONS[(i + 3 * k + rot) % 8])], [bgs[(i + k + rot) % 4]], False))
+    for j in range(n_still):
+        specs.append(([obj(3 + 5 * j + rot, motion="still")], [bgs[(j + 1 + rot) % 4]], False))
+    for j in range(n_two_tone):
+        specs.append(([obj(2 * j + 1 + rot)], [bgs[j % 4], bgs[(j + 1 + rot) % 4]], False))
+    for j in range(n_two):
+        a, b = obj(j + rot, size="small"), obj(j + 3 + rot, motion=_EVAL_MOTIONS[(j + 4) % 8])
+        if j % 4 == 3:
+            b["motion"] = "still"
+        specs.append(([a, b], [bgs[(j + rot) % 4]], False))
+    for j in range(n_three):
+        specs.append(([obj(j + 2 * m + rot, size="small") for m in (0, 2, 5)],
+                      [bgs[(j + 2 + rot) % 4]], False))
+    for j in range(n_wall):
+        lead = obj(j + 4 + rot, size="large" if j % 4 == 3 else "small",
+                   motion="right" if j % 2 == 0 else "left")
+        objects = [lead]
+        if j % 3 == 1:  # a second object that stays on one side of the wall
+            objects.append(obj(j + 1 + rot, size="small", motion=("up", "down", "still")[(j // 3) % 3]))
+        bg = [bgs[j % 4]] if j != n_wall - 1 else [bgs[(j + 1) % 4], bgs[(j + 2) % 4]]
+        specs.append((objects, bg, True))
     prompts = []
-    for j, obj in enumerate(specs):
-        spec = {"objects": [obj], "background": ["black"], "occluder": False}
-        prompts.append(EvalPrompt(caption_from_meta(spec), spec, 1000 + j))
+    for j, (objects, bg, occ) in enumerate(specs):
+        spec = {"objects": objects, "background": bg, "occluder": occ}
+        prompts.append(EvalPrompt(caption_from_meta(spec), spec, EVAL_SEED_BASE[split] + j))
     return prompts
 
 
-EVAL_PROMPTS: list[EvalPrompt] = _make_eval_prompts()
+TEST_PROMPTS: list[EvalPrompt] = _make_eval_prompts("test")  # for reporting
+VALIDATION_PROMPTS: list[EvalPrompt] = _make_eval_prompts("validation")  # for choosing settings
+EVAL_PROMPTS = TEST_PROMPTS  # the name older callers use
+PROMPT_SETS = {"test": TEST_PROMPTS, "validation": VALIDATION_PROMPTS}
+
+
+def _half_width(o: dict[str, Any], S: int) -> float:
+    r = SIZES[o["size"]] * S
+    return 0.9 * r if o["shape"] == "square" else r
+
+
+def _boxes(cx, cy, e):
+    return np.stack([cx - e, cy - e, cx + e, cy + e], -1)  # (T, 4) x0, y0, x1, y1
+
+
+def _clear(a: np.ndarray, b: np.ndarray, gap: float) -> bool:
+    """True when boxes (T, 4) a and b are at least `gap` pixels apart in every frame."""
+    sep = np.maximum(np.maximum(b[:, 0] - a[:, 2], a[:, 0] - b[:, 2]),
+                     np.maximum(b[:, 1] - a[:, 3], a[:, 1] - b[:, 3]))
+    return bool(np.all(sep >= gap))
+
+
+def _draw_path(rng, o, lead, wall, cfg: WorldConfig, vmin, vmax):
+    """One straight in-frame path for object o -> (boxes (T, 4), o with speed and start). The
+    first object of a wall prompt moving left or right (`lead`) crosses behind the wall."""
+    T, H, W, S = cfg.frames, cfg.height, cfg.width, cfg.scale
+    t = np.arange(T, dtype=np.float64)
+    r, e = SIZES[o["size"]] * S, _half_width(o, S)
+    lo = np.array([r + 1.0, r + 1.0])
+    hi = np.array([W - 2.0 - r, H - 2.0 - r])
+    d = np.asarray(MOTIONS[o["motion"]], np.float64)
+    room = float(np.min(np.where(np.abs(d) > 0, hi - lo, np.inf))) if d.any() else np.inf
+    vcap = min(vmax, room * 0.99 / max(T - 1, 1))
+    speed = 0.0 if o["motion"] == "still" else float(rng.uniform(min(vmin, vcap), vcap))
+    start = np.array([rng.uniform(*_start_range(lo[a], hi[a], d[a] * speed * (T - 1))[:2])
+                      for a in range(2)])
+    if lead and o["motion"] in ("left", "right"):
+        # Crossing in the frame of a rightward move (mirrored for leftward).
+        sgn = 1.0 if o["motion"] == "right" else -1.0
+        w0, w1 = (wall if sgn > 0 else (W - wall[1], W - wall[0]))
+        travel = (w1 + 1 + e) - (w0 - 2 - e)  # fully left of the wall -> fully right of it
+        if travel <= vcap * (T - 1):
+            speed = float(rng.uniform(max(travel / max(T - 1, 1), min(vmin, vcap)), vcap))
+            x_start = w0 - 2 - e - rng.uniform(0, speed * (T - 1) - travel)
+        else:  # too slow to come out: fully visible for a few frames, then goes behind
+            x_start = w0 - 2 - e - min(2, T - 1) * speed
+        x_start = max(min(x_start, hi[0] - speed * (T - 1)), lo[0])
+        start[0] = x_start if sgn > 0 else (W - 1) - x_start
+    box = _boxes(start[0] + d[0] * speed * t, start[1] + d[1] * speed * t, e)
+    return box, dict(o, speed=speed, start=[float(start[0]), float(start[1])])
+
+
+def _place_eval_spec(spec: dict[str, Any], seed: int, cfg: WorldConfig) -> dict[str, Any]:
+    """A render spec with every random choice made (wall, split, speeds, starts), so that
+    render_from_spec draws nothing: straight paths inside the frame, objects `_GAP` apart, only
+    the first object of a wall prompt meets the wall and, when its speed allows (small objects
+    at 32x32x9), it is fully visible before and after crossing behind it."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, _EVAL_STREAM]))
+    T, W, S = cfg.frames, cfg.width, cfg.scale
+    out = dict(spec, objects=[])
+    if len(_normalize_background(spec.get("background"))) == 2:
+        out["split"] = ("vertical", "horizontal")[int(rng.integers(2))]
+    wall = None
+    if spec.get("occluder"):
+        ow = max(1, int(round(cfg.occluder_width * W)))
+        x0 = (W - ow) // 2 + int(rng.integers(-1, 2))
+        lead = spec["objects"][0]
+        e, r = _half_width(lead, S), SIZES[lead["size"]] * S
+        if (lead["motion"] in ("left", "right")  # cannot cross (too slow, too big): room to approach
+                and (ow + 3 + 2 * e > cfg.speed_range[1] * S * (T - 1) or (W - ow) // 2 - 3 - e < r + 1)):
+            x0 = 3 * W // 4 - ow if lead["motion"] == "right" else W // 4
+        x0 = int(np.clip(x0, W // 4, max(W // 4, 3 * W // 4 - ow)))
+        wall = (x0, x0 + ow)
+        out["occluder"] = {"x0": x0, "x1": x0 + ow}
+    vmin, vmax = (v * S for v in cfg.speed_range)
+    best = None
+    for attempt in range(100):  # whole arrangements: objects placed in turn, each with a few tries
+        placed, objects, failed = [], [], 0
+        slow = 1.0 - 0.6 * attempt / 100  # long clips in small frames: slower paths fit side by side
+        for i, o in enumerate(spec["objects"]):
+            for _ in range(20):
+                box, placed_o = _draw_path(rng, o, i == 0 and wall is not None, wall, cfg,
+                                           vmin * slow, vmax * slow)
+                ok = all(_clear(box, b, _GAP) for b in placed)
+                wall_box = None if wall is None else np.tile([wall[0], -1e3, wall[1] - 1, 1e3], (T, 1))
+                if ok and wall is not None and not (i == 0 and o["motion"] in ("left", "right")):
+                    ok = _clear(box, wall_box, _GAP + 0.5)
+                elif ok and wall is not None:  # the crosser starts in the open
+                    ok = _clear(box[:1], wall_box[:1], 1.5)
+                if ok:
+                    break
+            failed += not ok
+            placed.append(box)
+            objects.append(placed_o)
+        if best is None or failed < best[0]:
+            best = (failed, objects)
+        if not failed:
+            break
+    out["objects"] = best[1]
+    return out
 
 
 def render_prompt(prompt: EvalPrompt, cfg: WorldConfig | None = None,
                   seed_offset: int = 0) -> dict[str, Any]:
-    """Ground-truth clip for an eval prompt at cfg's size. The speed is capped so the straight
-    path fits in the frame (no bounce at any clip length)."""
+    """Ground-truth clip for an eval prompt at cfg's size (`_place_eval_spec`: no bounce, no
+    overlaps, wall crossings), rendered by render_from_spec. Deterministic in (prompt.seed +
+    seed_offset, cfg)."""
     cfg = cfg or WorldConfig()
     seed = prompt.seed + seed_offset
-    obj = dict(prompt.spec["objects"][0])
-    if obj["motion"] != "still":
-        rng = np.random.default_rng(seed)
-        r = SIZES[obj["size"]] * cfg.scale
-        room = (cfg.scale - 2 * r - 3) * 0.95
-        speed = rng.uniform(*cfg.speed_range) * cfg.scale
-        obj["speed"] = float(min(speed, room / max(cfg.frames - 1, 1)))
-    spec = dict(prompt.spec, objects=[obj])
+    spec = _place_eval_spec(prompt.spec, seed, cfg)
     return render_from_spec(spec, seed, dataclasses.replace(cfg, avoid_bounce=True))

@@ -55,7 +55,7 @@ class DiTConfig:
     # activation, "full" keeps only block inputs, "dots" also keeps matmul outputs without a
     # batch dim, "offload" moves those to host memory (TPU/GPU). True/False = "full"/"none".
     remat: Any = "none"
-    scan_layers: bool = False  # lax.scan over the blocks (one compiled block; stacked at call)
+    scan_layers: bool = True  # lax.scan over the blocks (one compiled block; stacked at call); False: unrolled
 
     @property
     def dim(self) -> int:

@@ -1,0 +1,282 @@
+"""`python -m sorajax.data.prepare`: a folder of videos/images/captions -> a TFDS array_record
+dataset + report.json (docs/DATA.md), and training configs/videos.py on it.
+
+One folder (tiny mp4/webm/gif/png/jpg files, some bad) is prepared once per module with two
+worker processes; the other tests copy its output or prepare small variants in process."""
+import json
+import os
+import shutil
+import sys
+
+import imageio.v2 as iio
+import numpy as np
+import pytest
+from PIL import Image
+
+from sorajax import config_lib
+from sorajax.data import builders, decode, prepare
+from tests.helpers import ROOT, cli_env, run_cli
+
+FPS = 10  # target fps of the module's dataset; --clip-stride 4 makes overlapping 9-frame clips
+# file -> (reason or None, clips at 10 fps / stride 4, caption, where the caption comes from)
+EXPECTED = {
+    "clips/walk.mp4": (None, 3, "a person walking", "sidecar"),  # 2 s -> 20 frames: starts 0, 4, 8
+    "swim.webm": (None, 1, "a fish swimming", "captions.jsonl"),  # 1.2 s -> 12 frames
+    "spin.gif": (None, 2, "a spinning top", "captions.csv"),  # 15 x 100 ms -> 15 frames
+    "still.png": (None, 1, "a green wall", "sidecar"),  # an image: one still clip
+    "photo.jpg": (None, 1, "a photo of a cat, indoors", "captions.csv"),
+    "broken.mp4": ("unreadable", 0, None, None),
+    "broken.webm": ("unreadable", 0, None, None),
+    "nocap.mp4": ("no caption", 0, None, None),
+    "short.mp4": ("too short", 0, None, None),  # 0.5 s -> 5 frames < 9
+    "tiny.png": ("too small", 0, None, None),  # 16x16 < 32x32
+    "dup.mp4": ("duplicate", 0, None, None),  # the bytes of clips/walk.mp4
+    "notes.md": ("unsupported", 0, None, None),
+}
+
+
+def _gray_video(n, h, w, step=5):
+    """Frame i is uniformly grey i * step: its value tells which source frame a clip shows."""
+    return np.broadcast_to((np.arange(n) * step).astype(np.uint8)[:, None, None, None],
+                           (n, h, w, 3)).copy()
+
+
+def make_folder(d):
+    """The test folder: every input kind, every skip reason, captions in all three forms."""
+    os.makedirs(d / "clips")
+    rng = np.random.default_rng(0)
+    iio.mimwrite(d / "clips" / "walk.mp4", _gray_video(48, 48, 64), fps=24, macro_block_size=1)
+    (d / "clips" / "walk.txt").write_text("a person walking\n")
+    shutil.copy(d / "clips" / "walk.mp4", d / "dup.mp4")
+    (d / "dup.txt").write_text("the same file again")
+    iio.mimwrite(d / "swim.webm", rng.integers(0, 255, (12, 40, 40, 3), np.uint8), fps=10,
+                 codec="libvpx-vp9", macro_block_size=1, output_params=["-loglevel", "error"])
+    gif = [Image.fromarray(f) for f in rng.integers(0, 255, (15, 36, 48, 3), np.uint8)]
+    gif[0].save(d / "spin.gif", save_all=True, append_images=gif[1:], duration=100, loop=0)
+    still = np.zeros((48, 64, 3), np.uint8)  # red | green | blue: the 48x48 centre is green
+    still[:, :8, 0], still[:, 8:56, 1], still[:, 56:, 2] = 255, 255, 255
+    Image.fromarray(still).save(d / "still.png")
+    (d / "still.txt").write_text("  a green\nwall ")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(d / "photo.jpg")
+    (d / "broken.mp4").write_bytes(rng.bytes(3000))
+    (d / "broken.txt").write_text("noise")
+    (d / "broken.webm").write_bytes(rng.bytes(2000))
+    iio.mimwrite(d / "nocap.mp4", _gray_video(10, 32, 32), fps=10, macro_block_size=1)
+    iio.mimwrite(d / "short.mp4", _gray_video(5, 32, 32), fps=10, macro_block_size=1)
+    (d / "short.txt").write_text("too short")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(d / "tiny.png")
+    (d / "tiny.txt").write_text("too small")
+    (d / "notes.md").write_text("not a video")
+    (d / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"file": "clips/walk.mp4", "caption": "loses to the sidecar"},
+        {"file": "swim.webm", "caption": "a fish swimming"},
+        {"file": "broken.webm", "caption": "noise"},
+        {"file": "gone.mp4", "caption": "no such file"}]) + "\n")
+    (d / "captions.csv").write_text('file,caption\nswim.webm,loses to jsonl\nspin.gif,a spinning top\n'
+                                    'photo.jpg,"a photo of a cat, indoors"\n')
+    return d
+
+
+def run(capfd, argv):
+    """prepare's main in process -> (exit code, stdout, stderr)."""
+    capfd.readouterr()
+    try:
+        rc = prepare.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """(src, out, report) of the folder prepared with 2 worker processes."""
+    import subprocess
+
+    d = tmp_path_factory.mktemp("prep")
+    src, out = make_folder(d / "src"), d / "out"
+    # Through the command line (in process would be cheaper, but this run also checks that the
+    # worker processes never import JAX: decode.py asserts it at exit, a failing worker fails it).
+    r = subprocess.run([sys.executable, "-m", "sorajax.data.prepare", "--src", str(src), "--out", str(out),
+                        "--fps", str(FPS), "--clip-stride", "4", "--workers", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "report.json") as f:
+        return src, out, json.loads(f.read()), r.stdout
+
+
+def _data_cfg(out, arg="runlocal"):
+    cfg = config_lib.load_config(str(ROOT / "configs" / f"videos.py:{arg}"))
+    cfg.data.dir = str(out)
+    return cfg
+
+
+def test_report_names_every_file_with_its_fate(prepared):
+    src, out, report, stdout = prepared
+    rows = {f["file"]: f for f in report["files"]}
+    assert set(rows) == set(EXPECTED)
+    for name, (reason, clips, caption, where) in EXPECTED.items():
+        r = rows[name]
+        assert r["clips"] == clips, (name, r)
+        if reason is None:
+            assert r["status"] == "used" and r["caption"] == caption and r["caption_from"] == where, r
+            assert r["split"] == "train" and r["width"] >= 36 and r["height"] >= 36
+        else:
+            assert r["status"] == "skipped" and r["reason"] == reason, (name, r)
+    assert rows["clips/walk.mp4"]["fps"] == 24 and rows["clips/walk.mp4"]["duration_s"] == 2.0
+    assert rows["dup.mp4"]["detail"] == "same content as clips/walk.mp4"
+    c = report["counts"]
+    assert c == {"files": 12, "used": 5, "skipped": 7, "clips": 8, "skipped_by_reason": {
+        "unreadable": 2, "no caption": 1, "too short": 1, "too small": 1, "duplicate": 1,
+        "unsupported": 1}}
+    assert report["dataset"]["splits"] == {"train": 8}
+    assert report["unmatched_captions"] == ["gone.mp4"]
+    assert "12 files: 5 used, 7 skipped (unreadable: 2, no caption: 1, too short: 1, too small: 1, " \
+           "duplicate: 1, unsupported: 1); 8 clips written (train 8)" in stdout
+    assert sorted(report["run"]["decoded"]) == sorted(n for n, e in EXPECTED.items()
+                                                      if e[0] not in ("no caption", "unsupported"))
+
+
+def test_dataset_reads_back_through_builders_and_tfds(prepared):
+    import tensorflow_datasets as tfds
+
+    from sorajax.data import pipeline
+
+    src, out, report, _ = prepared
+    data = _data_cfg(out).data
+    ds = builders.source(data, "train", build=True)
+    assert len(ds) == 8
+    exs = [builders.decode_example(ds[i]) for i in range(len(ds))]
+    for ex in exs:
+        assert ex["frames"].shape == (9, 32, 32, 3) and ex["frames"].dtype == np.uint8
+    assert [(e["meta"]["file"], e["meta"]["clip"]) for e in exs] == [
+        ("clips/walk.mp4", 0), ("clips/walk.mp4", 1), ("clips/walk.mp4", 2), ("photo.jpg", 0),
+        ("spin.gif", 0), ("spin.gif", 1), ("still.png", 0), ("swim.webm", 0)]
+    assert builders.captions(ds)[0] == "a person walking" and exs[6]["caption"] == "a green wall"
+    # fps resampling + clip stride: clip c frame k shows source frame floor((4c + k) * 24 / 10),
+    # whose grey level is 5x its index (h264 is within a few levels on flat frames).
+    for c in range(3):
+        got = exs[c]["frames"].astype(int).mean(axis=(1, 2, 3))
+        want = 5 * np.floor((4 * c + np.arange(9)) * 2.4 + 1e-6)
+        np.testing.assert_allclose(got, want, atol=4)
+    assert exs[1]["meta"]["start_s"] == 0.4
+    # Centre crop: the red and blue bands of still.png are outside the 48x48 centre; 9 equal frames.
+    still = exs[6]["frames"].astype(int)
+    assert (still[..., 1] == 255).all() and still[..., [0, 2]].max() == 0
+    # The training pipeline reads it unchanged; plain TFDS reads it by name without our class.
+    batch = next(iter(pipeline.make_dataset(ds, batch_size=4, seed=0, shard_index=0, shard_count=1)))
+    assert batch["frames"].shape == (4, 9, 32, 32, 3) and batch["frames"].dtype == np.float32
+    name = report["dataset"]["name"]
+    assert tfds.builder_from_directory(os.path.join(out, report["dataset"]["path"])).info.splits[
+        "train"].num_examples == 8
+    assert len(tfds.data_source(f"video_folder/{name}", data_dir=str(out), split="train")) == 8
+
+
+def test_rerun_redoes_only_the_missing_work(prepared, tmp_path, capfd):
+    """A killed run (here: a finished intermediate deleted, a leftover temporary file) resumes:
+    only that file is decoded again, and the dataset comes out the same."""
+    src, out0, report0, _ = prepared
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    key = prepare.work_key(str(src), "spin.gif", report0["settings"])
+    os.remove(out / ".work" / f"{key}.json")
+    (out / ".work" / f".{key}.clips.tmp123").write_bytes(b"half")
+    rc, stdout, err = run(capfd, ["--src", src, "--out", out, "--fps", FPS, "--clip-stride", 4,
+                                  "--workers", 1])
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"] == {"decoded": ["spin.gif"], "reused": 9}
+    assert "decoded 1 file(s), 9 reused" in stdout
+    assert report["dataset"] == report0["dataset"] and report["files"] == report0["files"]
+    assert not [n for n in os.listdir(out / ".work") if ".tmp" in n]
+    a = builders.source(_data_cfg(out0).data, "train", build=False)
+    b = builders.source(_data_cfg(out).data, "train", build=False)
+    assert all(np.array_equal(a[i]["frames"], b[i]["frames"]) for i in range(len(a)))
+    # A validation split reuses every decoded file (the split is not part of the work key).
+    rc, _, err = run(capfd, ["--src", src, "--out", out, "--fps", FPS, "--clip-stride", 4,
+                             "--workers", 1, "--val-fraction", 0.5])
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["decoded"] == []
+    val = {f["file"] for f in report["files"] if f.get("split") == "validation"}
+    assert val == {n for n, e in EXPECTED.items() if e[0] is None and prepare.split_of(n, 0.5) ==
+                   "validation"}
+    assert sum(report["dataset"]["splits"].values()) == 8
+
+
+def test_bad_folders_exit_2_one_line_nothing_left(tmp_path, capfd):
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.mp4").write_bytes(b"\0" * 500)
+    (bad / "a.txt").write_text("caption")
+    (bad / "b.png").write_bytes(b"not a png")
+    (bad / "captions.csv").write_text("file,caption\nb.png,an image\n")
+    for src, words in ((tmp_path / "empty", "no videos or images"),
+                       (bad, "every file was skipped: 2 files: 0 used, 2 skipped (unreadable: 2)"),
+                       (tmp_path / "nope", "not a directory")):
+        rc, _, err = run(capfd, ["--src", src, "--out", tmp_path / "data"])
+        lines = [l for l in err.splitlines() if l.strip() and "decode" not in l]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+        assert words in lines[0], lines[0]
+        assert not (tmp_path / "data").exists()
+    rc, _, err = run(capfd, ["--src", bad, "--out", tmp_path / "data", "--frames", "8"])
+    assert rc == 2 and "1 + 4k" in err and not (tmp_path / "data").exists()
+
+
+def test_training_refuses_a_folder_of_another_shape(prepared, capfd):
+    from sorajax import train
+
+    _, out, _, _ = prepared
+    for extra, words in ((["--config.data.height=64"], "its clips are 9x32x32"),
+                         ([], "not a prepared dataset")):
+        d = out if extra else out / "video_folder"
+        capfd.readouterr()
+        rc = train.main(["--config", str(ROOT / "configs" / "videos.py:runlocal"), "--workdir",
+                         str(out.parent / "never"), f"--config.data.dir={d}", *extra])
+        err = capfd.readouterr().err
+        assert rc == 2 and words in err.strip().splitlines()[-1], err
+    assert not (out.parent / "never").exists()
+
+
+# A 1-layer DiT and text encoder: the same code paths as configs/videos.py:runlocal, a third of
+# its compile time (the suite's budget is 10 minutes on 2 cores).
+SMALL = ["--config.dit.overrides={'num_layers': 1, 'num_attention_heads': 2, 'attention_head_dim': 32, 'ffn_dim': 128}",
+         "--config.text.overrides={'num_layers': 1, 'd_model': 64, 'd_kv': 16, 'num_heads': 4, 'd_ff': 128}",
+         "--config.dit_train.sample_at_end=False"]
+
+
+def test_videos_runlocal_trains_both_stages_on_the_folder(prepared, tmp_path):
+    """`python -m sorajax.train --config configs/videos.py:runlocal --config.data.dir=DATA_DIR`:
+    2 steps per stage (batch 8 = the folder's 8 clips), the vocabulary and the latent cache from
+    the folder's captions. A subprocess with one CPU device, the model made smaller (SMALL); the
+    end-of-training samples' prompts (the folder's captions) are checked without sampling."""
+    _, out, _, _ = prepared
+    wd = tmp_path / "run"
+    r = run_cli(["-m", "sorajax.train", "--config", "configs/videos.py:runlocal", "--workdir", str(wd),
+                 f"--config.data.dir={out}", *SMALL], env=cli_env(1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage_dir in (wd / "vae", wd):
+        rows = [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    caps = json.loads((wd / "latents" / "train.json").read_text())["captions"]
+    assert caps[0] == "a person walking" and len(caps) == 8
+    assert (wd / "tokenizer" / "spiece.model").exists()
+    cfg = config_lib.load_config(str(ROOT / "configs" / "videos.py:runlocal"))
+    with cfg.unlocked():
+        cfg.data.dir = str(out)
+    prompts = builders.sample_prompts(cfg.data, 4)
+    assert prompts[0] == "a person walking" and len(set(prompts)) == len(prompts) and set(prompts) <= set(caps)
+
+
+def test_resize_crop_and_resample_units():
+    # Never-upscaling resize keeps a same-size frame as is.
+    f = np.random.default_rng(1).integers(0, 255, (32, 32, 3), np.uint8)
+    np.testing.assert_array_equal(decode.resize_crop(f, 32, 32), f)
+    # 4 frames of 0.25 s at 2 fps: shown at 0, 0.5 s -> frames 0, 2; at 8 fps each twice.
+    src = [(i / 4, (i + 1) / 4, i) for i in range(4)]
+    assert [i for i, _ in decode.resample(src, 2)] == [0, 2]
+    assert [i for i, _ in decode.resample(src, 8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [c.tolist() for c in decode.cut_clips(iter(np.arange(12)), 5, 3)] == [
+        [0, 1, 2, 3, 4], [3, 4, 5, 6, 7], [6, 7, 8, 9, 10]]
+    assert [c.tolist() for c in decode.cut_clips(iter(np.arange(12)), 3, 5)] == [[0, 1, 2], [5, 6, 7]]
