@@ -27,9 +27,20 @@ def _single_process_array_handler():
     array writes a slice, to spread the writes over hosts) has no hosts to spread over, and its
     per-device slicing costs a small compile per (array shape, device) -- ~280 programs and ~6 s
     at the first save of the toy run on 8 devices. Multi-process runs keep Orbax's default."""
-    if jax.process_count() == 1:
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    global _HANDLER_SET
+    if jax.process_count() == 1 and not _HANDLER_SET:
+        absl_log = logging.getLogger("absl")  # Orbax warns on every override; this one is meant
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)
+        try:
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        finally:
+            absl_log.setLevel(level)
+        _HANDLER_SET = True
+
+
+_HANDLER_SET = False
 
 
 def list_steps(directory: str) -> list[int]:

@@ -25,6 +25,7 @@ def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> 
         return frames
 
     report = evaluate.run_benchmark(generate_and_keep, info={"workdir": workdir})
+    report["vae"] = evaluate.vae_reconstruction(pipe)
     report_path = os.path.join(workdir, "eval.json")
     fileio.write_json(report_path, report)
     prompts = [c for caps, _ in made for c in caps]
@@ -44,5 +45,7 @@ def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> 
     print(f"  videos:       {os.path.abspath(samples_dir)}/  ({', '.join(os.path.basename(p) for p in paths[:3])}, ...)")
     print(f"  world eval:   {os.path.abspath(report_path)}")
     print("  metrics:      " + ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
+    v = report["vae"]
+    print(f"  VAE:          PSNR {v['psnr']:.2f} dB (by frame {v['psnr_by_frame']}), SSIM {v['ssim']:.3f}")
     print(f"  try:          python -m sorajax.sample --workdir {workdir} --prompt \"{prompts[0]}\" --out my.mp4")
     return 0

@@ -148,6 +148,46 @@ def run_benchmark(generate: Generate, *, seed: int = 0, seeds: int = 1, batch_si
     return {"metrics": metrics, "stderr": stderr, "videos": videos, "info": report_info}
 
 
+def psnr_ssim(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame PSNR (dB) and SSIM of clips a, b (N, T, H, W, 3) in [0, 1], averaged over clips
+    -> two (T,) arrays. SSIM: luminance, 7x7 uniform windows, the usual constants (K1 0.01, K2
+    0.03)."""
+    mse = np.mean((a - b) ** 2, axis=(2, 3, 4))  # (N, T)
+    psnr = 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))
+    w = np.asarray([0.299, 0.587, 0.114], np.float32)
+    x, y = a @ w, b @ w  # (N, T, H, W) luminance
+
+    def box(z, k=7):  # mean over valid k x k windows
+        c = np.cumsum(np.cumsum(np.pad(z, ((0, 0),) * (z.ndim - 2) + ((1, 0), (1, 0))), -1), -2)
+        return (c[..., k:, k:] - c[..., :-k, k:] - c[..., k:, :-k] + c[..., :-k, :-k]) / k ** 2
+
+    mx, my = box(x), box(y)
+    vx, vy, cxy = box(x * x) - mx ** 2, box(y * y) - my ** 2, box(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return psnr.mean(0), ssim.mean(axis=(2, 3)).mean(0)
+
+
+def vae_reconstruction(pipe, *, prompts: str = "test", batch_size: int = 12) -> dict[str, Any]:
+    """The run's VAE on the ground truth of a prompt set at the model's clip size: PSNR and SSIM
+    per frame position (the causal VAE encodes frame 0 alone), their means, and the gap between
+    frame 0's PSNR and the mean of the others (positive: frame 0 is worse)."""
+    d = pipe.defaults
+    cfg = world_lib.WorldConfig(frames=d["frames"], height=d["height"], width=d["width"])
+    gt = ground_truth_generate(cfg)
+    caps = [p.caption for p in world_lib.PROMPT_SETS[prompts]]
+    psnr, ssim, n = 0.0, 0.0, 0
+    for i in range(0, len(caps), batch_size):
+        x = gt(caps[i:i + batch_size], 0)
+        p_, s_ = psnr_ssim(x, pipe.reconstruct(x))
+        psnr, ssim, n = psnr + p_ * len(x), ssim + s_ * len(x), n + len(x)
+    psnr, ssim = psnr / n, ssim / n
+    gap = float(np.mean(psnr[1:]) - psnr[0]) if len(psnr) > 1 else 0.0
+    psnr, ssim = psnr.astype(np.float64), ssim.astype(np.float64)
+    return dict(psnr=float(psnr.mean()), ssim=float(ssim.mean()), psnr_by_frame=psnr.round(2).tolist(),
+                ssim_by_frame=ssim.round(4).tolist(), first_frame_psnr_gap_db=gap, clips=n)
+
+
 def evaluate_workdir(workdir: str, out: str, **kw) -> dict[str, Any]:
     """Samples the benchmark from a trained run (its EMA weights) and writes the report."""
     cli.check_writable_output(out, (".json",), "--out")
@@ -158,6 +198,7 @@ def evaluate_workdir(workdir: str, out: str, **kw) -> dict[str, Any]:
                 steps=gen_kw.get("steps") or d["steps"],
                 guidance=d["guidance"] if gen_kw.get("guidance") is None else gen_kw["guidance"])
     report = run_benchmark(model_generate(pipe, **gen_kw), info=info, **kw)
+    report["vae"] = vae_reconstruction(pipe, prompts=kw.get("prompts", "test"))
     fileio.write_json(out, report)
     return report
 
@@ -217,6 +258,10 @@ def _main(argv) -> int:
                                   steps=a.steps, guidance=a.guidance, frames=a.frames,
                                   height=a.height, width=a.width)
     print(json.dumps(report["metrics"], indent=1))
+    if "vae" in report:
+        v = report["vae"]
+        print(f"VAE reconstruction: PSNR {v['psnr']:.2f} dB (by frame {v['psnr_by_frame']}), SSIM "
+              f"{v['ssim']:.3f}; frame 0 is {v['first_frame_psnr_gap_db']:.2f} dB below the others")
     print(f"wrote {a.out}")
     return 0
 

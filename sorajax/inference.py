@@ -45,6 +45,7 @@ class Pipeline:
                              shift=float(s.shift), solver=str(s.solver),
                              negative_prompt=str(s.negative_prompt))
         self.max_length = int(config.text.max_length)
+        self._roundtrip = None  # reconstruct()'s compiled VAE round trip
 
     # -- shapes ------------------------------------------------------------------------------
     def latent_shape(self, frames, height, width):
@@ -118,6 +119,18 @@ class Pipeline:
         if decode:
             res["frames"] = np.asarray(jax.device_get(out), np.float32)
         return res
+
+    def reconstruct(self, frames) -> np.ndarray:
+        """The VAE round trip of clips (N, T, H, W, 3) in [0, 1]: encode (posterior mean), decode,
+        back in [0, 1]. One compiled program per shape."""
+        if self._roundtrip is None:
+            def roundtrip(state, x):
+                model = nnx.merge(self.graphdef, state)
+                y = model.decode_latents(model.encode_video(x * 2.0 - 1.0))
+                return jnp.clip((y + 1.0) * 0.5, 0.0, 1.0)
+            self._roundtrip = jax.jit(roundtrip)
+        x = jnp.asarray(np.asarray(frames, np.float32))
+        return np.asarray(jax.device_get(self._roundtrip(self.state, x)), np.float32)
 
 
 def load_model(run_dir: str, *, use_ema: bool = True, mesh_cfg=None, flag: str = "--checkpoint"):

@@ -106,6 +106,10 @@ def test_evaluate_cli_on_trained_run(run_dir, tmp_path):
     rep = json.load(open(tmp_path / "r.json"))
     assert set(rep["metrics"]) >= {"color_adherence", "direction_adherence"}
     assert all(0.0 <= v <= 1.0 for v in rep["metrics"].values())
+    vae = rep["vae"]  # the run's VAE on the test prompts' ground truth, per frame position
+    assert len(vae["psnr_by_frame"]) == 9 and len(vae["ssim_by_frame"]) == 9 and vae["clips"] == 48
+    assert 5 < vae["psnr"] < 60 and -1 <= vae["ssim"] <= 1
+    assert abs(vae["first_frame_psnr_gap_db"] - (np.mean(vae["psnr_by_frame"][1:]) - vae["psnr_by_frame"][0])) < 0.02
     assert len(rep["videos"]) >= 24
 
 

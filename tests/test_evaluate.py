@@ -217,3 +217,18 @@ def test_cli_bad_input(tmp_path, capsys, args):
 def test_cli_help():
     p = _cli("--help")
     assert p.returncode == 0 and "--ground-truth" in p.stdout
+
+
+def test_psnr_ssim_per_frame():
+    """Identical clips: SSIM 1 and the PSNR ceiling; noise in frame 0 only lowers frame 0's PSNR
+    by what its MSE says, and its SSIM, and leaves the other frames perfect."""
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.2, 0.8, (3, 5, 16, 16, 3)).astype(np.float32)
+    p, s = ev.psnr_ssim(a, a)
+    assert p.shape == s.shape == (5,) and np.all(p >= 99) and np.allclose(s, 1.0, atol=1e-5)
+    b = a.copy()
+    b[:, 0] += rng.normal(0, 0.05, b[:, 0].shape).astype(np.float32)
+    p, s = ev.psnr_ssim(a, b)
+    want = np.mean(10 * np.log10(1 / np.mean((a[:, 0] - b[:, 0]) ** 2, axis=(1, 2, 3))))
+    assert abs(p[0] - want) < 1e-3 and 20 < p[0] < 30 and np.all(p[1:] >= 99)
+    assert s[0] < 0.99 and np.allclose(s[1:], 1.0, atol=1e-5)
