@@ -76,6 +76,18 @@ def clip_seed(seed: int, split: str, index: int) -> int:
     return int(ss.generate_state(1, np.uint32)[0])
 
 
+def clip_features(c, **extra) -> tfds.features.FeaturesDict:
+    """The features every sorajax clip dataset has, so one pipeline reads them all: uint8 frames
+    (zlib) of the config's clip shape, the caption, a JSON `meta` string; plus `extra`."""
+    return tfds.features.FeaturesDict({
+        "frames": tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3), dtype=np.uint8,
+                                       encoding="zlib"),
+        "caption": tfds.features.Text(),
+        "meta": tfds.features.Text(),
+        **extra,
+    })
+
+
 class World(tfds.core.GeneratorBasedBuilder):
     """Synthetic world clips with captions and JSON ground truth."""
 
@@ -91,13 +103,7 @@ class World(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Procedurally rendered captioned clips with ground truth (sorajax).",
-            features=tfds.features.FeaturesDict({
-                "frames": tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3),
-                                               dtype=np.uint8, encoding="zlib"),
-                "caption": tfds.features.Text(),
-                "meta": tfds.features.Text(),  # JSON ground truth
-                "seed": np.int64,
-            }),
+            features=clip_features(c, seed=np.int64),  # meta: JSON ground truth
             disable_shuffling=True,  # example i of a split == clip_seed(seed, split, i)
             homepage="https://example.invalid/sorajax",
         )
@@ -259,12 +265,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Clips cut from a folder of videos and images, with captions (sorajax).",
-            features=tfds.features.FeaturesDict({
-                "frames": tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3),
-                                               dtype=np.uint8, encoding="zlib"),
-                "caption": tfds.features.Text(),
-                "meta": tfds.features.Text(),  # JSON: file, clip, start_s, kind
-            }),
+            features=clip_features(c),  # meta: JSON file, clip, start_s, kind
             disable_shuffling=True,  # file order (sorted paths), then clip order
             homepage="https://example.invalid/sorajax",
         )
