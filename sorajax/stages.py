@@ -82,6 +82,12 @@ class Stage(abc.ABC):
         """A fresh run's state (not called on resume): e.g. load pretrained or frozen weights."""
         return state
 
+    def loaded_modules(self) -> frozenset[str]:
+        """Top-level sub-modules whose weights init_state overwrites ("*": all of them). The
+        trainer initialises those as zeros, so XLA drops their random initialisers (a VAE's
+        initialisers alone are seconds of compile time on CPU)."""
+        return frozenset()
+
     def meta(self) -> dict:
         """JSON metadata saved with every checkpoint."""
         return {}
@@ -327,6 +333,9 @@ class DiTStage(Stage):
         if not self.config.vae.precompute_latents:
             total += b * flops.vae_encode_flops(vae_cfg, int(d.frames), int(d.height), int(d.width))
         return total
+
+    def loaded_modules(self):
+        return frozenset({"*"}) if self.config.init_from else frozenset({"vae"})
 
     def init_state(self, state, trainer, mesh):
         """Every weight from `init_from` (fine-tuning an imported or trained model), or else the

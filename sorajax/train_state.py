@@ -79,6 +79,12 @@ class Trainer:
         # rbg keys: XLA:CPU compiles threefry-based initialisers ~10x slower for many shapes.
         model = self.stage.build(nnx.Rngs(jax.random.key(self.config.seed, impl="rbg")))
         _, params, frozen = nnx.split(model, self.stage.trainable(), ...)
+        loaded = self.stage.loaded_modules()  # overwritten by stage.init_state: zeros here
+        if loaded:
+            zero = lambda path, x: (jnp.zeros_like(x) if "*" in loaded or _key_path(path)[0] in loaded
+                                    else x)
+            params = jax.tree_util.tree_map_with_path(zero, params)
+            frozen = jax.tree_util.tree_map_with_path(zero, frozen)
         return {
             "params": params,
             "frozen": frozen,
