@@ -243,7 +243,9 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
     from sorajax.models import dit as dit_lib
 
     t0 = time.time()
-    validate.validate(config)  # frames 1 + 4k, sizes vs stride x patch, ... (one line, exit 2)
+    # frames 1 + 4k, sizes vs stride x patch, ... (one line, exit 2); not the dataset, which
+    # lives on the pod (a preset's latent cache), not on the planning machine.
+    validate.validate(config, data=False)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     validate.validate_mesh(config, mesh)  # the batch over the data axes x grad_accum
     stage = stages.DiTStage(config, "/nonexistent", tok_lib.Tokenizer.load(config.text.tokenizer))

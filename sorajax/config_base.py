@@ -50,8 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     # -- data: the synthetic world (sorajax/data/world.py) as TFDS array_record under data_dir,
     # or a folder of the user's videos prepared by `python -m sorajax.data.prepare` (docs/DATA.md).
     c.data = ml_collections.ConfigDict()
-    c.data.source = "world"  # "world" (synthetic, built on demand) or "folder" (data.dir)
-    c.data.dir = ""  # source="folder": the prepared DATA_DIR (prepare --out); its clip shape must match
+    # "world" (synthetic, built on demand), "folder" (a prepared data.dir) or "latents" (a latent
+    # cache in data.dir, python -m sorajax.cache_latents: the DiT stage only)
+    c.data.source = "world"
+    c.data.dir = ""  # source="folder": DATA_DIR (prepare --out); "latents": LATENTS_DIR; shapes must match
     c.data.data_dir = "data"  # where the dataset is built (once) and read
     c.data.frames = 9  # frames per clip: 1 + (VAE temporal stride) k
     c.data.height = 32  # pixels; a multiple of VAE spatial stride x DiT patch
@@ -72,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     # After the VAE stage, measure its latents' per-channel mean/std and store them in
     # vae.overrides (latents_mean/latents_std), as Wan ships them for its VAE.
     c.vae.normalize_latents = True
+    c.vae.cache_dtype = "bfloat16"  # storage of cached latents (sorajax/latents.py): bfloat16 | float32
     c.dit = ml_collections.ConfigDict()
     c.dit.variant = "toy"  # sorajax/models/dit.py VARIANTS
     c.dit.overrides = {}  # DiTConfig fields (attention, context_parallel, remat, scan_layers, dtype, ...)

@@ -1,44 +1,55 @@
-"""The DiT stage's latent cache: every training clip encoded once by the frozen VAE.
+"""The latent cache: every training clip encoded once by the frozen VAE, streamed to disk.
 
-RUN/latents/train.npy holds the latent means (N, t, h, w, z) float32 and RUN/latents/train.json
-the captions of the same clips and a fingerprint of what made them (the data settings, the VAE's
-weights and config). A cache whose fingerprint differs from the run's (another data seed, size,
-frame count, clip count or VAE) is rebuilt, never paired with other captions.
+    LATENTS_DIR/fingerprint.json         what the cache is made from (written first)
+    LATENTS_DIR/parts/cC-pP-of-N.arrayrecord  chunk C's clips encoded by process P of N: one record
+                                         per clip (its index, caption and latent means)
+    LATENTS_DIR/parts/cC-pP-of-N.json    written after its .arrayrecord: the clip indices in it
+                                         and per-channel sums (it marks the part complete)
+    LATENTS_DIR/cache.json               written last, by process 0: the parts, clip shape,
+                                         dtype and latent statistics (it marks the cache complete)
+
+Building (`build`) streams: every process reads only its rows of each global encode batch (the
+batch sharding's rows, `sharding.process_batch_rows`), the VAE encodes the global batch on every
+device of every process, and each process appends its rows' latents to its part of the chunk,
+so host memory is one encode batch whatever the dataset size. A killed build (kill -9 included)
+resumes: chunks whose parts are all complete are kept, the others are redone, with any process
+count. Multi-process builds need LATENTS_DIR on a file system every process sees (a gcsfuse
+mount on a pod).
+
+Reading (`LatentCache`) is random access by clip index over the array_record parts (Grain's
+ArrayRecordDataSource), whatever process count built the cache; the Grain pipeline then
+shuffles, shards by process and checkpoints its position as for any source. Captions are stored
+as text: the DiT stage tokenizes them on the fly (microseconds), so a cache serves any tokenizer
+and a trainable text encoder.
+
+A cache whose fingerprint differs from the run's (another data seed, size, frame count, clip
+count or VAE) is rebuilt, never paired with other captions.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
+import shutil
+import struct
 
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from flax import nnx
 from tqdm import tqdm
 
 from sorajax import fileio, sharding
 from sorajax.data import builders
 from sorajax.data.pipeline import decode_example
+from sorajax.errors import UserError
 
-
-class LatentSource:
-    """Random-access {"latents", "caption"} examples held in memory (no per-step decoding)."""
-
-    def __init__(self, latents: np.ndarray, captions: list[str]):
-        if len(latents) != len(captions):
-            raise ValueError(f"{len(latents)} latents for {len(captions)} captions")
-        self.latents = latents  # (N, t, h, w, z) float32
-        self.captions = captions
-
-    def normalize(self, mean: np.ndarray, std: np.ndarray) -> None:
-        """Per-channel (x - mean) / std, as the DiT sees Wan's latents."""
-        self.latents = (self.latents - mean) / std
-
-    def __len__(self):
-        return len(self.captions)
-
-    def __getitem__(self, i):
-        return {"latents": np.asarray(self.latents[i], np.float32), "caption": self.captions[i]}
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": np.float32}
+_PART = re.compile(r"c(\d+)-p(\d+)-of-(\d+)\.json$")
 
 
 def fingerprint(config, num_clips: int, vae_provenance: str) -> dict:
@@ -47,38 +58,16 @@ def fingerprint(config, num_clips: int, vae_provenance: str) -> dict:
     vae = {k: v for k, v in config.vae.overrides.items() if k not in ("latents_mean", "latents_std")}
     fp = {"data": {k: v for k, v in config.data.to_dict().items() if k != "data_dir"},
           "num_clips": int(num_clips), "vae_variant": config.vae.variant,
-          "vae_overrides": json.loads(json.dumps(vae, default=list)), "vae": vae_provenance}
+          "vae_overrides": json.loads(json.dumps(vae, default=list)), "vae": vae_provenance,
+          "dtype": config.vae.cache_dtype}
     if config.data.source == "folder":  # a re-prepared folder: its name carries a content digest
         fp["dataset"] = os.path.basename(os.path.dirname(builders.folder_path(config.data.dir)))
+        fp["data"].pop("dir", None)  # the same prepared folder may be mounted elsewhere
     return fp
 
 
 def _key(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def cached_latents(config, run_dir: str, mesh, source, vae_provenance: str, load_vae) -> LatentSource:
-    """The latents of every clip of `source` with their captions, from RUN/latents when that
-    cache was made from the same data and VAE, else encoded now (and cached by process 0).
-    `vae_provenance` names the VAE weights; `load_vae() -> (graphdef, state)` loads them."""
-    fp = fingerprint(config, len(source), vae_provenance)
-    npy = os.path.join(run_dir, "latents", "train.npy")
-    meta = os.path.join(run_dir, "latents", "train.json")
-    if os.path.exists(meta) and os.path.exists(npy):
-        with open(meta) as f:
-            saved = json.load(f)
-        if saved.get("key") == _key(fp):
-            return LatentSource(np.load(npy), saved["captions"])
-        print(f"latent cache {npy} was made from other data or another VAE "
-              f"({_diff(saved.get('fingerprint', {}), fp)}); rebuilding it", flush=True)
-    graphdef, state = load_vae()
-    lat = encode(graphdef, state, source, mesh, config.sharding_rules)
-    caps = builders.captions(source)
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(npy), exist_ok=True)
-        fileio.save_npy(npy, lat)  # the .json, written last, is what marks the cache complete
-        fileio.write_json(meta, {"key": _key(fp), "fingerprint": fp, "captions": caps})
-    return LatentSource(lat, caps)
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -90,21 +79,229 @@ def _diff(old: dict, new: dict) -> str:
     return "changed: " + ", ".join(keys) if keys else "unknown format"
 
 
-def encode(graphdef, state, source, mesh, rules, batch_size: int = 32) -> np.ndarray:
-    """VAE latent means of every clip of `source`, (N, t, h, w, z) float32, in fixed-size
-    batches (one compile); the VAE's activations follow the rules (row-sharded over context)."""
-    rules = sharding.normalize_rules(rules)
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
 
-    def enc(st, x):  # traced under the rules
-        with sharding.activation_rules(mesh, rules):
-            return nnx.merge(graphdef, st).encode(x)[0]
 
-    # Replicated output: readable by every process of a multi-process run.
-    fn = jax.jit(enc, out_shardings=sharding.replicated(mesh))
-    n, out = len(source), []
-    for i in tqdm(range(0, n, batch_size), desc="encode latents", unit="batch",
-                  disable=jax.process_index() != 0):
-        ex = [decode_example(source[j])["frames"] for j in range(i, min(i + batch_size, n))]
-        x = np.stack(ex + [ex[-1]] * (batch_size - len(ex)))  # (B, T, H, W, 3)
-        out.append(np.asarray(fn(state, x))[:len(ex)])
-    return np.concatenate(out).astype(np.float32)
+# ----------------------------------------------------------------------------------------------
+# Records.
+# ----------------------------------------------------------------------------------------------
+def _record(index: int, caption: str, lat: np.ndarray) -> bytes:
+    head = json.dumps({"i": int(index), "caption": caption}).encode()
+    return struct.pack("<I", len(head)) + head + np.ascontiguousarray(lat).tobytes()
+
+
+def _parse(rec: bytes, shape, dtype) -> tuple[dict, np.ndarray]:
+    (n,) = struct.unpack_from("<I", rec)
+    head = json.loads(rec[4:4 + n])
+    return head, np.frombuffer(rec, dtype, offset=4 + n).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+# ----------------------------------------------------------------------------------------------
+class LatentCache:
+    """Random-access {"latents": float32 (t, h, w, z), "caption": str} examples of a complete
+    cache directory, in clip-index order (not held in memory: read from the parts)."""
+
+    def __init__(self, directory: str):
+        meta = _read_json(os.path.join(directory, "cache.json"))
+        if meta is None:
+            raise UserError(f"{directory!r} is not a complete latent cache (no cache.json); build one "
+                            "with `python -m sorajax.cache_latents`")
+        self.directory, self.meta = directory, meta
+        self.shape = tuple(meta["shape"])  # (t, h, w, z)
+        self.dtype = np.dtype(DTYPES[meta["dtype"]])
+        paths, self._pos = [], np.full(int(meta["num_clips"]), -1, np.int64)
+        offset = 0
+        for name in meta["parts"]:
+            part = _read_json(os.path.join(directory, "parts", name + ".json"))
+            idx = np.asarray(part["indices"], np.int64)
+            self._pos[idx] = offset + np.arange(len(idx))
+            offset += len(idx)
+            paths.append(os.path.join(directory, "parts", name + ".arrayrecord"))
+        if (self._pos < 0).any():
+            raise UserError(f"latent cache {directory!r}: clips {np.flatnonzero(self._pos < 0)[:5].tolist()} "
+                            "are in no part; rebuild it")
+        self._src = grain.sources.ArrayRecordDataSource(paths)
+        self.mean = np.asarray(meta["mean"], np.float32)  # per-channel statistics of the latents
+        self.std = np.asarray(meta["std"], np.float32)
+        self._norm = None
+
+    def normalize(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Examples come out per-channel (x - mean) / std, as the DiT sees Wan's latents."""
+        self._norm = (np.asarray(mean, np.float32), np.asarray(std, np.float32))
+
+    def __len__(self):
+        return len(self._pos)
+
+    def __getitem__(self, i):
+        head, lat = _parse(self._src[int(self._pos[i])], self.shape, self.dtype)
+        if head["i"] != int(i):
+            raise RuntimeError(f"latent cache {self.directory!r}: record for clip {i} holds clip {head['i']}")
+        lat = lat.astype(np.float32)
+        if self._norm is not None:
+            lat = (lat - self._norm[0]) / self._norm[1]
+        return {"latents": lat, "caption": head["caption"]}
+
+
+def complete(directory: str, fp: dict | None = None) -> bool:
+    """Whether `directory` holds a complete cache (made from `fp`, when given)."""
+    meta = _read_json(os.path.join(directory, "cache.json"))
+    return meta is not None and (fp is None or meta.get("key") == _key(fp))
+
+
+# ----------------------------------------------------------------------------------------------
+# Building.
+# ----------------------------------------------------------------------------------------------
+def _done_chunks(parts_dir: str) -> set[int]:
+    """Chunks whose parts (all N of one process count N) have their .json (the completion mark)."""
+    have: dict[tuple[int, int], set[int]] = {}
+    for path in glob.glob(os.path.join(parts_dir, "*.json")):
+        m = _PART.search(os.path.basename(path))
+        if m:
+            c, p, n = map(int, m.groups())
+            have.setdefault((c, n), set()).add(p)
+    return {c for (c, n), ps in have.items() if ps == set(range(n))}
+
+
+def build(config, source, mesh, out_dir: str, *, vae_provenance: str, load_vae,
+          batch_size: int = 32, shard_clips: int = 1024, dtype: str | None = None) -> LatentCache:
+    """Encodes every clip of `source` into a cache at `out_dir` (or resumes/reuses one made from
+    the same data and VAE) and returns it. Every process must call it. `load_vae() -> (graphdef,
+    state)` is only called when there is work left. `batch_size` clips are encoded per call
+    (rounded up to the data-parallel size); a chunk (`shard_clips`, rounded to whole batches) is
+    the unit of resumption."""
+    dtype = dtype or config.vae.cache_dtype
+    if dtype not in DTYPES:
+        raise UserError(f"latent cache dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    n = len(source)
+    if n == 0:
+        raise UserError("the dataset has no clips to encode")
+    fp = fingerprint(config, n, vae_provenance)
+    key = _key(fp)
+    parts_dir = os.path.join(out_dir, "parts")
+    lead = jax.process_index() == 0
+    if lead:
+        old = _read_json(os.path.join(out_dir, "cache.json")) or _read_json(os.path.join(out_dir, "fingerprint.json"))
+        if old is not None and old.get("key") != key:
+            print(f"latent cache {out_dir} was made from other data or another VAE "
+                  f"({_diff(old.get('fingerprint', {}), fp)}); rebuilding it", flush=True)
+            for name in ("cache.json", "fingerprint.json"):
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        if old is None or old.get("key") != key:
+            os.makedirs(parts_dir, exist_ok=True)
+            fileio.write_json(os.path.join(out_dir, "fingerprint.json"), {"key": key, "fingerprint": fp})
+    sharding.sync("sorajax:latents_start")
+    if complete(out_dir, fp):
+        return LatentCache(out_dir)
+
+    rules = sharding.normalize_rules(config.sharding_rules)
+    dp = sharding.data_parallel_size(mesh, rules)
+    batch = -(-int(batch_size) // dp) * dp
+    per_chunk = max(1, -(-int(shard_clips) // batch))  # batches per chunk
+    chunk_clips = per_chunk * batch
+    n_chunks = -(-n // chunk_clips)
+    done = _done_chunks(parts_dir)
+    sharding.sync("sorajax:latents_listed")  # every process listed before anyone writes
+    todo = [c for c in range(n_chunks) if c not in done]
+    pi, pc = jax.process_index(), jax.process_count()
+    if lead:  # parts of unfinished chunks written by another process count are stale
+        for path in glob.glob(os.path.join(parts_dir, "c*-p*-of-*")):
+            m = re.search(r"c(\d+)-p\d+-of-(\d+)\.", os.path.basename(path))
+            if m and int(m.group(1)) in todo and int(m.group(2)) != pc:
+                os.remove(path)
+    if todo:
+        if lead:
+            print(f"latent cache {out_dir}: {n} clips in {n_chunks} chunks of {chunk_clips}; "
+                  f"{n_chunks - len(todo)} done, encoding {len(todo)}", flush=True)
+        graphdef, state = load_vae()
+        rows = sharding.process_batch_rows(mesh, rules, batch)
+
+        def enc(st, x):  # traced under the rules: activations follow them (e.g. context-sharded)
+            with sharding.activation_rules(mesh, rules):
+                return nnx.merge(graphdef, st).encode(x)[0]
+
+        fn = jax.jit(enc, out_shardings=sharding.batch_sharding(mesh, rules, 5))
+        n_batches = sum(len(range(c * chunk_clips, min((c + 1) * chunk_clips, n), batch)) for c in todo)
+        bar = tqdm(total=n_batches, desc="encode latents", unit="batch", disable=not lead)
+        for c in todo:
+            _encode_chunk(fn, state, source, mesh, rules, c, chunk_clips, batch, rows, n, parts_dir,
+                          f"c{c:05d}-p{pi:03d}-of-{pc:03d}", DTYPES[dtype], bar)
+        bar.close()
+    sharding.sync("sorajax:latents_encoded")
+    if lead:
+        _finish(out_dir, key, fp, n, dtype)
+    sharding.sync("sorajax:latents_done")
+    return LatentCache(out_dir)
+
+
+def _encode_chunk(fn, state, source, mesh, rules, c, chunk_clips, batch, rows, n, parts_dir, name,
+                  dtype, bar):
+    """This process's rows of chunk c, encoded batch by batch and appended to its part."""
+    indices, total, total_sq, count, shape = [], 0.0, 0.0, 0, None
+    path = os.path.join(parts_dir, name + ".arrayrecord")
+    tmp = path + ".tmp"
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    try:
+        for b0 in range(c * chunk_clips, min((c + 1) * chunk_clips, n), batch):
+            idx = b0 + rows  # this process's rows of the global batch (clip indices; may pass n)
+            ex = [decode_example(source[int(min(i, n - 1))]) for i in idx]  # past n: padding
+            x = np.stack([e["frames"] for e in ex])  # (rows, T, H, W, 3)
+            out = fn(state, sharding.global_batch({"x": x}, mesh, rules, batch_size=batch)["x"])
+            local = {}
+            for sh in out.addressable_shards:  # this process's rows of the output
+                start = sh.index[0].start or 0
+                data = np.asarray(sh.data, np.float32)
+                for r in range(data.shape[0]):
+                    local.setdefault(start + r, data[r])
+            for j, i in enumerate(idx):
+                if i >= n:
+                    continue
+                lat = local[int(rows[j])]
+                shape = lat.shape
+                writer.write(_record(int(i), ex[j]["caption"], lat.astype(dtype)))
+                indices.append(int(i))
+                lat64 = lat.astype(np.float64).reshape(-1, lat.shape[-1])
+                total = total + lat64.sum(0)
+                total_sq = total_sq + np.square(lat64).sum(0)
+                count += lat64.shape[0]
+            bar.update(1)
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    fileio.write_json(os.path.join(parts_dir, name + ".json"), {
+        "indices": indices, "count": count, "shape": list(shape) if shape else None,
+        "sum": np.asarray(total).tolist(), "sum_sq": np.asarray(total_sq).tolist()}, indent=None)
+
+
+def _finish(out_dir, key, fp, n, dtype):
+    """cache.json from the complete parts: their order, the clip shape, per-channel mean/std."""
+    parts_dir = os.path.join(out_dir, "parts")
+    done = _done_chunks(parts_dir)
+    names, total, total_sq, count, shape, seen = [], 0.0, 0.0, 0, None, 0
+    for path in sorted(glob.glob(os.path.join(parts_dir, "*.json"))):
+        m = _PART.search(os.path.basename(path))
+        if not m or int(m.group(1)) not in done:
+            continue
+        part = _read_json(path)
+        names.append(os.path.basename(path)[:-len(".json")])
+        seen += len(part["indices"])
+        if part["count"]:
+            total = total + np.asarray(part["sum"])
+            total_sq = total_sq + np.asarray(part["sum_sq"])
+            count += part["count"]
+            shape = part["shape"]
+    if seen != n:
+        raise RuntimeError(f"latent cache {out_dir}: {seen} clips in complete parts, expected {n}")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0)) + 1e-6
+    fileio.write_json(os.path.join(out_dir, "cache.json"), {
+        "key": key, "fingerprint": fp, "num_clips": n, "shape": shape, "dtype": dtype,
+        "parts": names, "mean": mean.tolist(), "std": std.tolist()})

@@ -175,7 +175,7 @@ class VAEStage(Stage):
 def vae_provenance(config, run_dir) -> str:
     """Names the frozen VAE's weights (for the latent cache) without loading them."""
     if config.init_from:
-        return f"init_from:{os.path.abspath(config.init_from)}"
+        return f"init_from:{os.path.realpath(config.init_from)}"
     ckdir = os.path.join(VAEStage(config, run_dir).workdir, "checkpoints")
     steps = ckpt_lib.list_steps(ckdir)
     return f"{os.path.abspath(ckdir)}/{steps[-1] if steps else 'none'}"
@@ -221,7 +221,9 @@ def ensure_tokenizer(config, run_dir) -> str:
         return config.text.tokenizer
     path = os.path.join(run_dir, "tokenizer", "spiece.model")
     if jax.process_index() == 0 and not os.path.exists(path):
-        caps = builders.captions(builders.source(config.data, "train", build=False))
+        src = (latents.LatentCache(config.data.dir) if config.data.source == "latents"
+               else builders.source(config.data, "train", build=False))
+        caps = builders.captions(src)
         try:
             tok_lib.train_tokenizer(caps, path, config.text.vocab_size)
         except RuntimeError as e:  # sentencepiece: e.g. fewer pieces than the captions' characters
@@ -252,28 +254,37 @@ class DiTStage(Stage):
         empty_ids, empty_mask = tokenizer.encode([""], config.text.max_length)[:2]
         self.empty_ids = np.asarray(empty_ids)[0]
         self.empty_mask = np.asarray(empty_mask)[0]
-        self.latent_source = None  # latents.LatentSource once prepare() ran (precompute_latents)
+        self.latent_source = None  # latents.LatentCache once prepare() ran
 
     @property
     def workdir(self):
         return self.run_dir
 
     def prepare(self, mesh) -> None:
-        """Encodes the training clips once with the frozen VAE (vae.precompute_latents), and
-        measures the latent statistics (vae.normalize_latents)."""
-        if not self.config.vae.precompute_latents:
-            return
+        """The latent cache the DiT trains from: data.source='latents' names one (built by
+        `python -m sorajax.cache_latents` with this run's frozen VAE), else with
+        vae.precompute_latents the training clips are encoded once into RUN/latents (streamed,
+        resumable: sorajax/latents.py). With vae.normalize_latents its per-channel statistics
+        become the VAE's latents_mean/std, so the DiT sees unit-scale data."""
         config = self.config
-        world = builders.source(config.data, "train", build=False)
-        self.latent_source = latents.cached_latents(
-            config, self.run_dir, mesh, world, vae_provenance(config, self.run_dir),
-            lambda: load_vae_state(config, self.run_dir, mesh))
-        lat = self.latent_source.latents
+        if config.data.source == "latents":
+            self.latent_source = latents.LatentCache(config.data.dir)
+            want, got = vae_provenance(config, self.run_dir), self.latent_source.meta["fingerprint"]["vae"]
+            if got != want:
+                raise UserError(f"data.dir={config.data.dir!r}: its latents were made by the VAE "
+                                f"{got!r}, but this run's frozen VAE is {want!r}; cache again with "
+                                "`python -m sorajax.cache_latents` and this config")
+        elif config.vae.precompute_latents:
+            self.latent_source = latents.build(
+                config, builders.source(config.data, "train", build=False), mesh,
+                os.path.join(self.run_dir, "latents"),
+                vae_provenance=vae_provenance(config, self.run_dir),
+                load_vae=lambda: load_vae_state(config, self.run_dir, mesh))
+        else:
+            return
         if config.vae.normalize_latents:
-            # Per-channel statistics of this VAE's latents become its latents_mean/std (as Wan
-            # ships them), so the DiT sees unit-scale data and the sampler denormalizes.
-            mean = tuple(float(v) for v in lat.mean(axis=(0, 1, 2, 3)))
-            std = tuple(float(v) for v in lat.std(axis=(0, 1, 2, 3)) + 1e-6)
+            mean = tuple(float(v) for v in self.latent_source.mean)
+            std = tuple(float(v) for v in self.latent_source.std)
             with config.unlocked():
                 config.vae.overrides = dict(config.vae.overrides, latents_mean=mean, latents_std=std)
                 config.vae.normalize_latents = False  # done: the stats now live in the config
@@ -368,7 +379,8 @@ class DiTStage(Stage):
             return
         try:
             pipe = inference.load_pipeline(workdir=self.run_dir)
-            prompts = builders.sample_prompts(self.config.data, 4)
+            prompts = (builders.first_captions(self.latent_source, 4) if self.config.data.source == "latents"
+                       else builders.sample_prompts(self.config.data, 4))
             frames = pipe.generate(prompts, seed=0)["frames"]  # (N, T, H, W, 3) in [0, 1]
             os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
             video_io.write(os.path.join(self.run_dir, "samples", f"step_{step}.gif"), frames, prompts)

@@ -258,7 +258,7 @@ def train_and_evaluate(config, workdir: str):
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
     # Process 0 builds the dataset (once); the others wait, then read it.
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and config.data.source != "latents":
         builders.source(config.data, "train", build=True)
     sharding.sync("sorajax:world_built")
     out = None

@@ -55,6 +55,31 @@ def _folder_dataset(d) -> dict:
     return {"train_clips": train}
 
 
+def _latent_cache(config) -> dict:
+    """data.source='latents': the cache at data.dir (python -m sorajax.cache_latents), checked
+    against data.frames/height/width; the VAE stage cannot train on it (no pixels)."""
+    d = config.data
+    _need(isinstance(d.dir, str) and d.dir, "data.dir", d.dir,
+          "data.source='latents' trains on a latent cache: pass --config.data.dir=LATENTS_DIR "
+          "(python -m sorajax.cache_latents --out LATENTS_DIR writes one)")
+    path = os.path.join(d.dir, "cache.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        fd = meta["fingerprint"]["data"]
+        shape = tuple(int(fd[k]) for k in ("frames", "height", "width"))
+        n = int(meta["num_clips"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"data.dir={d.dir!r}: not a complete latent cache ({path}: "
+                        f"{getattr(e, 'strerror', None) or type(e).__name__}); build it with "
+                        f"python -m sorajax.cache_latents --out {d.dir}") from None
+    want = (d.frames, d.height, d.width)
+    _need(shape == want, "data.dir", d.dir,
+          f"its latents are of {'x'.join(map(str, shape))} clips (frames x height x width) but the "
+          f"config's data.frames/height/width are {'x'.join(map(str, want))}")
+    return {"train_clips": n}
+
+
 def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
     name = config_base.STAGE_SECTIONS[stage]
     t, d = config[name], config.data
@@ -64,7 +89,7 @@ def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
         _need(is_int(t[k]) and t[k] >= 1, f"{name}.{k}", t[k], "must be an integer >= 1")
     what = f"data.num_train={num_train}" if d.source == "world" else \
         f"the {num_train} training clips in data.dir={d.dir!r}"
-    _need(t.batch_size <= num_train, f"{name}.batch_size", t.batch_size,
+    _need(num_train is None or t.batch_size <= num_train, f"{name}.batch_size", t.batch_size,
           f"must be <= {what} (incomplete batches are dropped)")
     _need(is_num(t.lr) and t.lr >= 0, f"{name}.lr", t.lr, "must be a finite number >= 0")
     _need(is_int(t.warmup_steps) and t.warmup_steps >= 0, f"{name}.warmup_steps", t.warmup_steps,
@@ -89,8 +114,9 @@ def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
               t.text_dropout, "must be in [0, 1]")
 
 
-def validate(config) -> None:
-    """Checks a config before anything is built or compiled (UserError, one line)."""
+def validate(config, data: bool = True) -> None:
+    """Checks a config before anything is built or compiled (UserError, one line). `data=False`
+    skips the checks that read the dataset (the AOT planner plans for data on the pod)."""
     stages = config.stages
     _need(isinstance(stages, (tuple, list)) and len(stages) > 0
           and all(s in config_base.STAGE_SECTIONS for s in stages), "stages", stages,
@@ -100,9 +126,15 @@ def validate(config) -> None:
     d = config.data
     for k in ("frames", "height", "width", "num_train"):
         _need(is_int(d[k]) and d[k] >= 1, f"data.{k}", d[k], "must be an integer >= 1")
-    _need(d.source in ("world", "folder"), "data.source", d.source,
-          "must be 'world' (the synthetic world) or 'folder' (a prepared data.dir)")
-    num_train = _folder_dataset(d)["train_clips"] if d.source == "folder" else d.num_train
+    _need(d.source in ("world", "folder", "latents"), "data.source", d.source,
+          "must be 'world' (the synthetic world), 'folder' (a prepared data.dir) or 'latents' "
+          "(a latent cache in data.dir)")
+    _need(config.vae.cache_dtype in ("bfloat16", "float32"), "vae.cache_dtype", config.vae.cache_dtype,
+          "must be 'bfloat16' or 'float32'")
+    _need(d.source != "latents" or "vae" not in stages, "stages", stages,
+          "data.source='latents' holds no pixels to train a VAE on: train the 'dit' stage only")
+    num_train = (None if not data else _folder_dataset(d)["train_clips"] if d.source == "folder" else
+                 _latent_cache(config)["train_clips"] if d.source == "latents" else d.num_train)
     vae_cfg, dit_cfg, _ = video.model_configs(config)  # UserError on unknown variants/overrides
     rt, rs = vae_cfg.temporal_stride, vae_cfg.spatial_stride
     _need((d.frames - 1) % rt == 0, "data.frames", d.frames,

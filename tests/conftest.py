@@ -33,11 +33,24 @@ def fixtures_dir():
     return FIXTURES
 
 
+@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
+def wan_ckpt(tmp_path_factory):
+    """tests/fixtures/wan_pipeline_tiny (a tiny random Wan 2.1 diffusers pipeline) converted by
+    scripts/convert_diffusers.py: an imported checkpoint, as users make from the real weights."""
+    from tests.helpers import run_cli
+
+    d = tmp_path_factory.mktemp("conv") / "ckpt"
+    r = run_cli(["scripts/convert_diffusers.py", "--src", str(FIXTURES / "wan_pipeline_tiny"), "--dst", str(d),
+                 "--frames", "9", "--height", "32", "--width", "48", "--max-length", "16"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
 # The most expensive files first (measured with --durations), so that with `-n 2 --dist
 # loadfile --no-loadscope-reorder` the two workers finish together instead of one of them
 # starting a two-minute file at the end. The others follow in collection order.
 HEAVY_FIRST = ("test_multihost.py", "test_cli.py", "test_train.py", "test_reliability.py",
-               "test_configs.py", "test_convert.py", "test_vae_sharded.py", "test_cli_fuzz.py",
+               "test_configs.py", "test_pods.py", "test_convert.py", "test_vae_sharded.py", "test_cli_fuzz.py",
                "test_prepare.py")
 
 

@@ -1,8 +1,13 @@
 """Shared test helpers (tiny configs, subprocess runner)."""
 import os
 import pathlib
+import signal
+import socket
 import subprocess
 import sys
+import time
+
+import pytest
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -38,3 +43,55 @@ def run_cli(args, *, cwd=None, env=None, timeout=600):
     e.update(env or {})
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=e, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-process runs on localhost (jax.distributed with fake CPU devices).
+# ----------------------------------------------------------------------------------------------
+def process_env(num_devices, **extra):
+    e = dict(os.environ)
+    e.setdefault("JAX_PLATFORMS", "cpu")
+    # The device count comes from JAX_NUM_CPU_DEVICES, not the 8 of conftest's XLA_FLAGS.
+    e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+    e["JAX_NUM_CPU_DEVICES"] = str(num_devices)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        e.pop(k, None)
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def run_all(cmds_envs, tmp_path, tag, timeout=420):
+    """Starts every (cmd, env) at once, waits for all within timeout; on a failure or timeout
+    kills the rest (whole process groups) and fails with the logs' tails."""
+    procs = []
+    try:
+        for i, (cmd, env) in enumerate(cmds_envs):
+            log = open(tmp_path / f"{tag}_{i}.log", "w")
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True), log))
+        deadline = time.time() + timeout
+        while any(p.poll() is None for p, _ in procs):
+            if time.time() > deadline or any(p.poll() not in (None, 0) for p, _ in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            log.close()
+    outs = [(tmp_path / f"{tag}_{i}.log").read_text() for i in range(len(procs))]
+    codes = [p.returncode for p, _ in procs]
+    if any(c != 0 for c in codes):
+        tails = "\n".join(f"--- {tag} process {i} (exit {c}):\n{o[-2500:]}"
+                          for i, (c, o) in enumerate(zip(codes, outs)))
+        pytest.fail(f"{tag}: exit codes {codes} (negative: killed after {timeout}s)\n{tails}")
+    return outs
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,5 +1,6 @@
 """The AOT planner: TPU topology names, analytic FLOPs, HLO collective counting, and a real
-compile of a pod preset's tiny variant for a v5p slice on this CPU-only machine (libtpu)."""
+compile of a Wan config's tiny variant with a pod preset's parallelism for a v5p slice on this
+CPU-only machine (libtpu)."""
 import json
 
 import pytest
@@ -58,11 +59,13 @@ def test_compile_time_oom_is_read_as_a_planner_result():
 
 
 def test_aot_compile_cli_on_a_v5p_topology(tmp_path):
-    """The real train step and sampler step of a pod preset's tiny variant, compiled for a v5p-16
-    slice (8 chips) with data x fsdp x context sharding, all-to-all context parallelism around the
-    splash kernel, full remat and scanned layers."""
+    """The real train step and sampler step of the Wan 14B config's tiny variant with the
+    wan14b_v5p256 preset's parallelism (all-to-all context parallelism around the splash kernel,
+    full remat, scanned layers), compiled for a v5p-16 slice (8 chips) with data x fsdp x context
+    sharding. (The preset's own runlocal, on the tiny converted checkpoint, takes XLA:TPU over 2
+    minutes to compile here, for no more coverage; tests/test_pods.py trains it on CPU.)"""
     out = tmp_path / "plan.json"
-    r = run_cli(["scripts/aot_compile.py", "--config", "configs/pods/wan14b_v5p256.py:runlocal",
+    r = run_cli(["scripts/aot_compile.py", "--config", "configs/wan2_1_t2v_14b.py:runlocal",
                  "--topology", "v5p-16", "--mesh", "data=2,fsdp=2,context=2,tensor=1",
                  "--global-batch", "8", "--out", str(out),
                  "--config.dit.overrides={'context_parallel': 'all_to_all', 'scan_layers': True, "
@@ -81,10 +84,10 @@ def test_aot_compile_cli_on_a_v5p_topology(tmp_path):
     assert plan["sampler_step"]["fits"]
 
 
-def test_aot_compile_bad_input_is_one_line(tmp_path):
+def test_aot_compile_bad_input_is_one_line(tmp_path, wan_ckpt):
     r = run_cli(["scripts/aot_compile.py", "--config", "configs/toy.py", "--topology", "v9z-8"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: --topology")
-    r = run_cli(["scripts/aot_compile.py", "--config", "configs/pods/wan14b_v5p256.py:runlocal",
+    r = run_cli(["scripts/aot_compile.py", "--config", f"configs/pods/wan14b_v5p256.py:runlocal:{wan_ckpt}",
                  "--topology", "v5p-16", "--mesh", "fsdp=3"])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -56,7 +56,7 @@ POD_PRESETS = {  # preset -> (topology, slices): the chips its mesh must use exa
 
 
 @pytest.mark.parametrize("name", sorted(POD_PRESETS))
-def test_pod_presets_match_their_hardware(name):
+def test_pod_presets_match_their_hardware(name, converted_config_dir):
     """Each pod preset documents its launch commands, its mesh uses exactly its topology's chips,
     its batch divides over the data-parallel axes, and its runlocal variant loads."""
     from sorajax import aot, sharding
@@ -78,7 +78,16 @@ def test_pod_presets_match_their_hardware(name):
     assert tokens % (ici["context"] * dcn["context"]) == 0
     if dit_cfg.context_parallel == "all_to_all":
         assert dit_cfg.num_attention_heads % (ici["context"] * ici["tensor"]) == 0
-    config_lib.load_config(str(path) + ":runlocal")
+    # Every preset fine-tunes an imported checkpoint on a latent cache, at scale and in runlocal.
+    assert cfg.init_from and cfg.data.source == "latents" and cfg.data.dir and cfg.stages == ("dit",)
+    tiny = config_lib.load_config(f"{path}:runlocal:{converted_config_dir}")
+    assert tiny.init_from == str(converted_config_dir) and tiny.data.source == "latents"
+    for axis in ("fsdp", "context", "tensor"):  # the preset's parallelism, at toy scale
+        assert (tiny.mesh[axis] > 1) == (ici[axis] * dcn[axis] > 1), axis
+    from sorajax.errors import UserError
+
+    with pytest.raises(UserError, match="runlocal:CKPT_DIR"):
+        config_lib.load_config(f"{path}:runlocal")
 
 
 def _config_files():
@@ -90,15 +99,17 @@ def _config_files():
     return out
 
 
-def _specs():
-    """Every config in configs/, with and without :runlocal (the fine-tune config takes a
-    converted checkpoint: the tiny Wan pipeline's config.json stands in for one)."""
+def _specs(ckpt):
+    """Every config in configs/, with and without :runlocal (the fine-tune config and the pod
+    presets' runlocal take a converted checkpoint: the tiny Wan pipeline's config.json stands in
+    for one)."""
     specs = []
     for path in _config_files():
         rel = str(path.relative_to(ROOT))
         if path.name == "wan2_1_finetune.py":
+            specs.append(f"{rel}:{ckpt}")
             continue
-        specs += [rel, rel + ":runlocal"]
+        specs += [rel, rel + (f":runlocal:{ckpt}" if path.parent.name == "pods" else ":runlocal")]
     return specs
 
 
@@ -118,7 +129,7 @@ def test_every_config_sets_only_declared_keys_and_takes_grad_accum(converted_con
     from sorajax import config_base
 
     declared = set(config_lib.flat_keys(config_base.get_config()))
-    specs = _specs() + [f"configs/wan2_1_finetune.py:{converted_config_dir}"]
+    specs = _specs(converted_config_dir)
     assert len(specs) >= 13
     for spec in specs:
         cfg = config_lib.load_config(str(ROOT / spec))

@@ -13,15 +13,6 @@ from tests.helpers import FIXTURES, ROOT, run_cli
 SRC = FIXTURES / "wan_pipeline_tiny"
 
 
-@pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("conv") / "ckpt"
-    r = run_cli(["scripts/convert_diffusers.py", "--src", str(SRC), "--dst", str(d),
-                 "--frames", "9", "--height", "32", "--width", "48", "--max-length", "16"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    return d
-
-
 def _io():
     io = dict(np.load(SRC / "io.npz"))
     meta = json.loads((SRC / "io.json").read_text())
@@ -29,11 +20,11 @@ def _io():
 
 
 @pytest.mark.parametrize("guidance,key", [(4.0, "latents_cfg"), (1.0, "latents_nocfg")])
-def test_sample_reproduces_wan_pipeline_latents(ckpt, tmp_path, guidance, key):
+def test_sample_reproduces_wan_pipeline_latents(wan_ckpt, tmp_path, guidance, key):
     io, meta = _io()
     noise = io["noise"].transpose(0, 2, 3, 4, 1)  # diffusers (B, C, F, H, W) -> ours (B, F, H, W, C)
     np.save(tmp_path / "n.npy", noise)
-    argv = ["-m", "sorajax.sample", "--checkpoint", str(ckpt), "--noise", str(tmp_path / "n.npy"),
+    argv = ["-m", "sorajax.sample", "--checkpoint", str(wan_ckpt), "--noise", str(tmp_path / "n.npy"),
             "--solver", "euler", "--steps", "4", "--guidance", str(guidance), "--shift", "3.0",
             "--negative-prompt", meta["negative_prompt"], "--save-latents", str(tmp_path / "l.npy"),
             "--save-frames", str(tmp_path / "f.npy"), "--out", str(tmp_path / "v.png")]
@@ -71,9 +62,9 @@ def test_convert_errors_are_one_line(tmp_path):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.tmp*"))
 
 
-def test_finetune_from_imported_checkpoint(ckpt, tmp_path):
+def test_finetune_from_imported_checkpoint(wan_ckpt, tmp_path):
     wd = tmp_path / "ft"
-    r = run_cli(["-m", "sorajax.train", "--config", f"configs/wan2_1_finetune.py:{ckpt}", "--workdir", str(wd),
+    r = run_cli(["-m", "sorajax.train", "--config", f"configs/wan2_1_finetune.py:{wan_ckpt}", "--workdir", str(wd),
                  f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.num_train=16",
                  "--config.dit_train.steps=2", "--config.dit_train.log_every=1", "--config.dit_train.ckpt_every=2"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -85,7 +76,7 @@ def test_finetune_from_imported_checkpoint(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_finetune_starts_from_the_imported_weights(ckpt, tmp_path):
+def test_finetune_starts_from_the_imported_weights(wan_ckpt, tmp_path):
     """The fine-tune stage's fresh state is the converted model: before any step its velocity
     and its decoded frames equal the converted checkpoint's (so the imported weights loaded)."""
     import jax
@@ -95,7 +86,7 @@ def test_finetune_starts_from_the_imported_weights(ckpt, tmp_path):
     from sorajax import config_lib, inference, sharding, stages
     from sorajax.train_state import Trainer
 
-    cfg = config_lib.load_config(f"{ROOT / 'configs' / 'wan2_1_finetune.py'}:{ckpt}")
+    cfg = config_lib.load_config(f"{ROOT / 'configs' / 'wan2_1_finetune.py'}:{wan_ckpt}")
     mesh = sharding.make_mesh(cfg.mesh)
     tok_path = stages.ensure_tokenizer(cfg, str(tmp_path))
     stage = stages.DiTStage(cfg, str(tmp_path), stages.load_tokenizer(tok_path), tok_path)
@@ -103,7 +94,7 @@ def test_finetune_starts_from_the_imported_weights(ckpt, tmp_path):
     fresh = trainer.init()
     state = stage.init_state(jax.tree.map(jnp.copy, fresh), trainer, mesh)
     ours = nnx.merge(trainer.graphdef, state["params"], state["frozen"])
-    _, ref, tok, _, _ = inference.load_model(str(ckpt), mesh_cfg=cfg.mesh)
+    _, ref, tok, _, _ = inference.load_model(str(wan_ckpt), mesh_cfg=cfg.mesh)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((1, 3, 4, 6, 4)), jnp.float32)  # (B, t, h, w, z)
     ids, mask = tok.encode(["a red circle moves right"], cfg.text.max_length)[:2]

@@ -12,19 +12,12 @@ also restores a checkpoint written by one process (the frozen VAE) onto its own 
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 
-import pytest
-
-from tests.helpers import ROOT
+from tests.helpers import free_port, process_env, run_all
 
 
 K = 4  # steps before the checkpoint / process-count change; the runs go to 2K
-TIMEOUT = 420  # seconds per phase; cold XLA caches on a loaded 2-core machine are slow
 
 # The toy config, small: a 2x2x2 VAE, a 1-layer DiT and text encoder on 16x16 clips (same code
 # paths, faster compiles), 1 VAE step, a loss per step, a checkpoint every K steps, no end-of-run
@@ -39,59 +32,10 @@ SMALL = [
 ]
 
 
-def _env(num_devices, **extra):
-    e = dict(os.environ)
-    e.setdefault("JAX_PLATFORMS", "cpu")
-    # The device count comes from JAX_NUM_CPU_DEVICES, not the 8 of conftest's XLA_FLAGS.
-    e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-    e["JAX_NUM_CPU_DEVICES"] = str(num_devices)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        e.pop(k, None)
-    e.update({k: str(v) for k, v in extra.items()})
-    return e
-
-
 def _train_cmd(workdir, data_dir, steps, mesh):
     return [sys.executable, "-m", "sorajax.train", "--config", "configs/toy.py:runlocal",
             "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", *SMALL,
             f"--config.dit_train.steps={steps}", *(f"--config.mesh.{k}={v}" for k, v in mesh.items())]
-
-
-def _run_all(cmds_envs, tmp_path, tag):
-    """Starts every (cmd, env) at once, waits for all within TIMEOUT; on a failure or timeout
-    kills the rest (whole process groups) and fails with the logs' tails."""
-    procs = []
-    try:
-        for i, (cmd, env) in enumerate(cmds_envs):
-            log = open(tmp_path / f"{tag}_{i}.log", "w")
-            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True), log))
-        deadline = time.time() + TIMEOUT
-        while any(p.poll() is None for p, _ in procs):
-            if time.time() > deadline or any(p.poll() not in (None, 0) for p, _ in procs):
-                break
-            time.sleep(0.2)
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            log.close()
-    outs = [(tmp_path / f"{tag}_{i}.log").read_text() for i in range(len(procs))]
-    codes = [p.returncode for p, _ in procs]
-    if any(c != 0 for c in codes):
-        tails = "\n".join(f"--- {tag} process {i} (exit {c}):\n{o[-2500:]}"
-                          for i, (c, o) in enumerate(zip(codes, outs)))
-        pytest.fail(f"{tag}: exit codes {codes} (negative: killed after {TIMEOUT}s)\n{tails}")
-    return outs
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(path):
@@ -105,16 +49,16 @@ def test_two_process_checkpoint_resumes_on_another_mesh_with_the_same_losses(tmp
 
     # 1. Uninterrupted reference: one process, 8 devices, 2K steps, on the mesh step 3 resumes on
     #    (data=2 x fsdp=4: step 3 then reuses this run's compiled step from the XLA cache).
-    _run_all([(_train_cmd(ref, data, 2 * K, dict(data=2, fsdp=4)), _env(8))], tmp_path, "ref")
+    run_all([(_train_cmd(ref, data, 2 * K, dict(data=2, fsdp=4)), process_env(8))], tmp_path, "ref")
 
     # 2. Two processes x 4 devices, mesh data=4 x fsdp=2 (parameters sharded across the two
     #    processes), K steps, on the reference's trained VAE.
     run.mkdir()
     for sub in ("vae", "latents", "tokenizer"):
         shutil.copytree(ref / sub, run / sub)
-    port = _free_port()
-    outs = _run_all([(_train_cmd(run, data, K, dict(data=4, fsdp=2)),
-                      _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
+    port = free_port()
+    outs = run_all([(_train_cmd(run, data, K, dict(data=4, fsdp=2)),
+                      process_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
                            JAX_PROCESS_ID=i))
                      for i in range(2)], tmp_path, "two")
     assert all("[vae] already trained" in o for o in outs)
@@ -122,7 +66,7 @@ def test_two_process_checkpoint_resumes_on_another_mesh_with_the_same_losses(tmp
     assert sorted(_losses(run / "metrics.jsonl")) == list(range(1, K + 1))  # process 0 alone logs
 
     # 3. One process, 8 devices, a different mesh (data=2 x fsdp=4): restores step K, goes to 2K.
-    (out,) = _run_all([(_train_cmd(run, data, 2 * K, dict(data=2, fsdp=4)), _env(8))], tmp_path, "one")
+    (out,) = run_all([(_train_cmd(run, data, 2 * K, dict(data=2, fsdp=4)), process_env(8))], tmp_path, "one")
     assert f"[dit] resumed from {run / 'checkpoints'}/{K}" in out
 
     want, got = _losses(ref / "metrics.jsonl"), _losses(run / "metrics.jsonl")

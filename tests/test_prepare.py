@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sorajax import config_lib
+from sorajax import config_lib, latents
 from sorajax.data import builders, decode, prepare
 from tests.helpers import ROOT, cli_env, run_cli
 
@@ -259,7 +259,8 @@ def test_videos_runlocal_trains_both_stages_on_the_folder(prepared, tmp_path):
     for stage_dir in (wd / "vae", wd):
         rows = [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
-    caps = json.loads((wd / "latents" / "train.json").read_text())["captions"]
+    cache = latents.LatentCache(str(wd / "latents"))
+    caps = [cache[i]["caption"] for i in range(len(cache))]
     assert caps[0] == "a person walking" and len(caps) == 8
     assert (wd / "tokenizer" / "spiece.model").exists()
     cfg = config_lib.load_config(str(ROOT / "configs" / "videos.py:runlocal"))
@@ -280,3 +281,75 @@ def test_resize_crop_and_resample_units():
     assert [c.tolist() for c in decode.cut_clips(iter(np.arange(12)), 5, 3)] == [
         [0, 1, 2, 3, 4], [3, 4, 5, 6, 7], [6, 7, 8, 9, 10]]
     assert [c.tolist() for c in decode.cut_clips(iter(np.arange(12)), 3, 5)] == [[0, 1, 2], [5, 6, 7]]
+
+
+def test_cache_latents_two_processes_killed_and_resumed_then_trains(prepared, wan_ckpt, tmp_path):
+    """The folder -> `python -m sorajax.cache_latents` with the imported tiny Wan checkpoint's
+    VAE, 2 processes x 4 devices (mesh data=2 x context=4: each process encodes its rows,
+    context-parallel over its devices), chunks of 2 clips. SIGKILLed once the first chunk is
+    complete, then resumed: the finished chunk is kept (not rewritten), the rest encoded; every
+    cached clip equals the VAE's encoding of that clip (bf16) with its caption. Then 10 DiT steps
+    from the cache (data.source='latents') with finite losses."""
+    import signal
+    import subprocess
+    import time
+
+    import jax.numpy as jnp
+
+    from sorajax import inference
+    from sorajax.data.pipeline import decode_example
+    from tests.helpers import free_port, process_env, run_all
+
+    _, data, _, _ = prepared
+    lat = tmp_path / "latents"
+    cfg_args = ["--config", f"configs/wan2_1_finetune.py:{wan_ckpt}", "--config.data.source=folder",
+                "--config.data.width=32"]
+
+    def cmds():
+        port = free_port()
+        return [([sys.executable, "-m", "sorajax.cache_latents", *cfg_args, "--data", str(data),
+                  "--out", str(lat), "--batch-size", "2", "--shard-clips", "2",
+                  "--config.mesh.data=2", "--config.mesh.context=4"],
+                 process_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
+                             JAX_PROCESS_ID=i)) for i in range(2)]
+
+    # 1. Start, and SIGKILL both processes once chunk 0 is complete (both parts' .json written).
+    first = [lat / "parts" / f"c00000-p{i:03d}-of-002.json" for i in range(2)]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True) for c, e in cmds()]
+    deadline = time.time() + 300
+    while not all(p.exists() for p in first) and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert all(p.exists() for p in first), "chunk 0 was never completed"
+    assert not (lat / "cache.json").exists(), "the build finished before it could be killed"
+    kept = {f: os.stat(lat / "parts" / f).st_mtime_ns for f in os.listdir(lat / "parts") if f.startswith("c00000")}
+
+    # 2. Resume: the same command.
+    outs = run_all(cmds(), tmp_path, "cache")
+    assert "1 done, encoding 3" in outs[0] or "done, encoding" in outs[0], outs[0][-2000:]
+    assert {f: os.stat(lat / "parts" / f).st_mtime_ns for f in kept} == kept  # chunk 0 not redone
+    cache = latents.LatentCache(str(lat))
+    assert len(cache) == 8 and cache.meta["dtype"] == "bfloat16" and len(cache.meta["parts"]) == 8
+
+    # Every clip's cached latents are the VAE's encoding of that clip, with that clip's caption.
+    src = builders.folder_source(_data_cfg(data).data, "train")
+    model = inference.load_model(str(wan_ckpt))[1]
+    x = np.stack([decode_example(src[i])["frames"] for i in range(8)])
+    want = np.asarray(model.vae.encode(jnp.asarray(x))[0])
+    got = np.stack([cache[i]["latents"] for i in range(8)])
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    assert [cache[i]["caption"] for i in range(8)] == [builders.decode_text(src[i]["caption"]) for i in range(8)]
+
+    # 3. Train the DiT 10 steps from the cache (the imported model, VAE and text encoder frozen).
+    wd = tmp_path / "run"
+    r = run_cli(["-m", "sorajax.train", "--config", f"configs/wan2_1_finetune.py:{wan_ckpt}",
+                 "--workdir", str(wd), "--config.data.source=latents", f"--config.data.dir={lat}",
+                 "--config.data.width=32", "--config.dit_train.steps=10", "--config.dit_train.log_every=1",
+                 "--config.dit_train.ckpt_every=10"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == list(range(1, 11)) and all(np.isfinite(x["loss"]) for x in rows)

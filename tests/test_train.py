@@ -189,17 +189,21 @@ def test_stale_latent_cache_is_rebuilt_never_paired_with_new_captions(tmp_path):
         return [{"frames": rng.integers(0, 255, (9, 16, 16, 3), dtype=np.uint8),
                  "caption": f"clip {seed}-{i}".encode()} for i in range(3)]
 
-    a = latents.cached_latents(cfg, str(tmp_path), mesh, source(0), "vae@1", load_vae)
-    assert a.captions == ["clip 0-0", "clip 0-1", "clip 0-2"] and a.latents.shape == (3, 5, 8, 8, 4)
-    again = latents.cached_latents(cfg, str(tmp_path), mesh, source(0), "vae@1", load_vae)
-    assert len(loads) == 1 and again.captions == a.captions  # reused: the VAE was not even loaded
-    np.testing.assert_array_equal(again.latents, a.latents)
+    def cached(c, src, prov):
+        cache = latents.build(c, src, mesh, str(tmp_path / "latents"), vae_provenance=prov, load_vae=load_vae)
+        return [cache[i]["caption"] for i in range(len(cache))], np.stack([cache[i]["latents"] for i in range(len(cache))])
+
+    a_caps, a_lat = cached(cfg, source(0), "vae@1")
+    assert a_caps == ["clip 0-0", "clip 0-1", "clip 0-2"] and a_lat.shape == (3, 5, 8, 8, 4)
+    again_caps, again_lat = cached(cfg, source(0), "vae@1")
+    assert len(loads) == 1 and again_caps == a_caps  # reused: the VAE was not even loaded
+    np.testing.assert_array_equal(again_lat, a_lat)
     for change in ("data.seed", "data.height", "vae"):
         c = config(seed=1) if change == "data.seed" else config(height=24) if change == "data.height" else cfg
         prov = "vae@2" if change == "vae" else "vae@1"
-        b = latents.cached_latents(c, str(tmp_path), mesh, source(1), prov, load_vae)
-        assert b.captions == ["clip 1-0", "clip 1-1", "clip 1-2"], change  # rebuilt with its captions
-        assert not np.allclose(b.latents, a.latents), change
+        b_caps, b_lat = cached(c, source(1), prov)
+        assert b_caps == ["clip 1-0", "clip 1-1", "clip 1-2"], change  # rebuilt with its captions
+        assert not np.allclose(b_lat, a_lat), change
     assert len(loads) == 4
 
 

@@ -332,7 +332,12 @@ def sample_prompts(data_cfg, n: int) -> list[str]:
     distinct captions of a folder's training split."""
     if data_cfg.source != "folder":
         return [p.caption for p in world_lib.EVAL_PROMPTS[:n]]
-    src, out = folder_source(data_cfg, "train"), []
+    return first_captions(folder_source(data_cfg, "train"), n)
+
+
+def first_captions(src, n: int) -> list[str]:
+    """The first n distinct captions of a random-access source."""
+    out = []
     for i in range(len(src)):
         c = decode_text(src[i]["caption"])
         if c not in out:
