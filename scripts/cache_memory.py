@@ -4,7 +4,7 @@
 
 Trains the toy config's VAE stage (configs/toy.py:runlocal, 2 steps: the weights do not matter
 for memory) once, builds the world datasets of N and 10N clips, then caches each in its own
-process and reads that process's peak RSS (getrusage of the child). Prints one JSON object:
+process and reads that process's peak RSS (os.wait4's rusage of the child). Prints one JSON object:
 peak RSS per size and their ratio. The cache streams, so the ratio should stay near 1.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, env):
-    """Runs `python args` to completion; returns the child's peak RSS in bytes (Linux: KiB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"error: {' '.join(args[:3])} failed:\n{r.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:  # ru_maxrss is the maximum over all children so far: order runs small->large
-        print(f"warning: peak RSS of {args[:3]} not above an earlier child's ({peak} KiB)", file=sys.stderr)
-    return peak * 1024
+    """Runs `python args` to completion; returns that child's own peak RSS in bytes (os.wait4's
+    rusage of the one process; Linux reports KiB)."""
+    with tempfile.TemporaryFile("w+") as log:
+        p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            log.seek(0)
+            sys.exit(f"error: {' '.join(args[:3])} failed:\n{log.read()[-2000:]}")
+    return usage.ru_maxrss * 1024
 
 
 def main(argv=None):
