@@ -50,6 +50,8 @@ FULL = dict(
     # None: the config's dit_train.batch_size / layers (what `make demo` trains).
     toy=dict(batch=None, layers=None),
     sampler=dict(batch=4, steps=None, layers=None),  # steps None: the config's sample.steps
+    # The DiT-S loop with the text K/V once per sample vs per step: Wan's 512-token prompts.
+    text_kv=dict(text_len=512, steps=10, latent=(4, 16, 32)),
     # Wan 2.1's VAE (4x8x8, z 16, 2 res blocks, 4 levels) at base_dim 32 instead of 96.
     vae=dict(base_dim=32, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
              temporal_downsample=(False, True, True), frames=5, height=64, width=64),
@@ -60,6 +62,7 @@ QUICK = dict(
              latent=(2, 8, 8), text_len=8, batch=1, unrolled_variant=False),
     toy=dict(batch=2, layers=1),
     sampler=dict(batch=1, steps=2, layers=1),
+    text_kv=dict(text_len=16, steps=2, latent=(2, 8, 8)),
     vae=dict(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
              temporal_downsample=(False, True, True), frames=5, height=16, width=16),
 )
@@ -393,13 +396,19 @@ def bench_sampler(spec, repeats, out):
     t_loop, loop_all = median_time(loop, repeats, warmup=0)
 
     use_cfg = float(s.guidance) != 1.0
-    encode = jax.jit(lambda st, a, b, c, d: (nnx.merge(graphdef, st).encode_text(a, b),
-                                             nnx.merge(graphdef, st).encode_text(c, d)))
-    ctx, nctx = encode(state, ids, mask, nids, nmask)
+    def encode_fn(st, a, b, c, d):  # once per generation: the prompts and their cross-attention K/V
+        model = nnx.merge(graphdef, st)
+        ctx = model.encode_text(a, b)
+        if use_cfg:
+            ctx = jnp.concatenate([ctx, model.encode_text(c, d)])
+        return model.text_kv(ctx)
+
+    encode = jax.jit(encode_fn)
+    kv = encode(state, ids, mask, nids, nmask)
     t_text, _ = median_time(lambda: jax.block_until_ready(encode(state, ids, mask, nids, nmask)), 3 * repeats)
-    call = jax.jit(lambda st, x, sig, c, nc, g: sampler._cfg_velocity(  # the loop body's model call
-        nnx.merge(graphdef, st), x, sig, c, nc, g, use_cfg))
-    args = (state, noise, jnp.float32(0.5), ctx, nctx, jnp.float32(s.guidance))
+    call = jax.jit(lambda st, x, sig, kv, g: sampler._cfg_velocity(  # the loop body's model call
+        nnx.merge(graphdef, st), x, sig, kv, g, use_cfg))
+    args = (state, noise, jnp.float32(0.5), kv, jnp.float32(s.guidance))
     t_call, call_all = median_time(lambda: call(*args).block_until_ready(), 4 * repeats)
     out.update(sampler_config=dict(batch=B, steps=steps, solver=str(s.solver), guidance=float(s.guidance),
                                    latent=list(lat), cfg_batch=2 * B if use_cfg else B),
@@ -410,6 +419,53 @@ def bench_sampler(spec, repeats, out):
                sampler_loop_overhead=(t_loop - t_text) / (steps * t_call) - 1.0,
                sampler_loop_overhead_incl_text=t_loop / (steps * t_call) - 1.0,
                step_cache_speedup=None, step_cache_note=STEP_CACHE_NOTE)
+
+
+def bench_text_kv(dit_spec, spec, repeats, out):
+    """The denoising loop (Euler, CFG batch 2) of the DiT of the dit section with every block's
+    text cross-attention keys/values computed once per sample (what sorajax.sampler does) vs
+    recomputed in every step: the speed-up, and the two loops' largest output difference."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sorajax import flow, sampler
+    from sorajax.models import dit as dit_lib
+
+    cfg = _dit_cfg(dit_spec)
+    graphdef, state = random_model(lambda: dit_lib.WanDiT(cfg, rngs=nnx.Rngs(0)))
+    steps, L = int(spec["steps"]), int(spec["text_len"])
+    x = jax.random.normal(jax.random.key(0), (1, *spec["latent"], cfg.in_channels), jnp.float32)
+    ctx = jax.random.normal(jax.random.key(1), (2, L, cfg.text_dim), jnp.float32)  # prompt, negative
+    sig = jnp.asarray(flow.flow_match_sigmas(steps, 1.0))
+
+    class _Model:  # what sampler._cfg_velocity calls
+        def __init__(self, dit):
+            self.dit = dit
+
+        def velocity(self, x, sigma, c, text_kv=None):
+            return self.dit(x, sigma * 1000.0, c, text_kv=text_kv)
+
+    def per_step(st, x, ctx, sig):
+        m = _Model(nnx.merge(graphdef, st))
+
+        def vel(x, s):
+            v = m.velocity(jnp.concatenate([x, x]), jnp.full((2,), s), ctx)
+            return v[1:] + 5.0 * (v[:1] - v[1:])
+        return sampler._euler(vel, x, sig)
+
+    def once(st, x, ctx, sig):
+        m = _Model(nnx.merge(graphdef, st))
+        kv = m.dit.text_kv(ctx)
+        return sampler._euler(lambda x, s: sampler._cfg_velocity(m, x, s, kv, 5.0, True), x, sig)
+
+    a, b = jax.jit(per_step), jax.jit(once)
+    diff = float(jnp.abs(a(state, x, ctx, sig) - b(state, x, ctx, sig)).max())
+    t_a, _ = median_time(lambda: a(state, x, ctx, sig).block_until_ready(), repeats)
+    t_b, _ = median_time(lambda: b(state, x, ctx, sig).block_until_ready(), repeats)
+    out.update(text_kv_config=dict(tokens=dit_lib.num_tokens(cfg, x.shape), text_len=L, steps=steps),
+               sampler_text_kv_per_step_s=t_a, sampler_text_kv_once_s=t_b,
+               sampler_text_kv_speedup=t_a / t_b, sampler_text_kv_max_abs_diff=diff)
 
 
 def _vae_cfg(spec):
@@ -522,6 +578,7 @@ ROWS = (  # (key, label, format)
     ("sampler_model_call_s", "one CFG model call (s)", "{:.4f}"),
     ("sampler_loop_overhead", "sampler loop overhead", "{:+.3f}"),
     ("sampler_compile_s", "sampler compile (s)", "{:.1f}"),
+    ("sampler_text_kv_speedup", "text K/V once vs per step (x)", "{:.3f}"),
     ("vae_encode_per_frame_s", "VAE encode per frame (s)", "{:.4f}"),
     ("vae_decode_per_frame_s", "VAE decode per frame (s)", "{:.4f}"),
     ("vae_decode_mfu", "VAE decode MFU (of ceiling)", "{:.3f}"),
@@ -587,6 +644,7 @@ def run(suite: str, quick: bool, torch_python: str | None, repeats: int | None =
         ("dit", lambda c: bench_dit(sizes["dit"], reps, c, res)),
         ("toy", lambda c: bench_toy(sizes["toy"], reps, c, res)),
         ("sampler", lambda c: bench_sampler(sizes["sampler"], reps, res)),
+        ("text_kv", lambda c: bench_text_kv(sizes["dit"], sizes["text_kv"], reps, res)),
         ("vae", lambda c: bench_vae(sizes["vae"], reps, c, res)),
     )
     res["matmul_ceiling_by_section"] = {}

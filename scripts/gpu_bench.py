@@ -162,12 +162,12 @@ def bench_sampler(sz, dtype, out, peak):
     L = int(sz["text_len"])
     graphdef, state = bm.random_model(lambda: dit_lib.WanDiT(dit_cfg, rngs=nnx.Rngs(0)))
 
-    class _Model:  # what sampler._cfg_velocity calls: velocity(x, sigma (B,), ctx)
+    class _Model:  # what sampler._cfg_velocity calls: velocity(x, sigma (B,), None, text_kv=...)
         def __init__(self, dit):
             self.dit = dit
 
-        def velocity(self, x, sigma, ctx):
-            return self.dit(x, sigma * 1000.0, ctx)
+        def velocity(self, x, sigma, ctx, text_kv=None):
+            return self.dit(x, sigma * 1000.0, ctx, text_kv=text_kv)
 
     g = float(config.sample.guidance)
     noise = jax.random.normal(jax.random.key(0), (1, *lat), jnp.float32)
@@ -178,7 +178,8 @@ def bench_sampler(sz, dtype, out, peak):
 
     def vel_of(st, c, nc):
         model = _Model(nnx.merge(graphdef, st))
-        return lambda x, s: sampler._cfg_velocity(model, x, s, c, nc, jnp.float32(g), True)
+        kv = model.dit.text_kv(jnp.concatenate([c, nc]))  # once per sample, as the sampler does
+        return lambda x, s: sampler._cfg_velocity(model, x, s, kv, jnp.float32(g), True)
 
     loop = jax.jit(lambda st, x, c, nc, sig: sampler._euler(vel_of(st, c, nc), x, sig))
     call = jax.jit(lambda st, x, c, nc: vel_of(st, c, nc)(x, jnp.float32(0.5)))

@@ -195,6 +195,8 @@ def build(config, source, mesh, out_dir: str, *, vae_provenance: str, load_vae,
                 if os.path.exists(os.path.join(out_dir, name)):
                     os.remove(os.path.join(out_dir, name))
             shutil.rmtree(parts_dir, ignore_errors=True)
+        for tmp in glob.glob(os.path.join(parts_dir, ".c*")):  # a killed build's temporary files
+            os.remove(tmp)
         if old is None or old.get("key") != key:
             os.makedirs(parts_dir, exist_ok=True)
             fileio.write_json(os.path.join(out_dir, "fingerprint.json"), {"key": key, "fingerprint": fp})
@@ -246,36 +248,35 @@ def _encode_chunk(fn, state, source, mesh, rules, c, chunk_clips, batch, rows, n
                   dtype, bar):
     """This process's rows of chunk c, encoded batch by batch and appended to its part."""
     indices, total, total_sq, count, shape = [], 0.0, 0.0, 0, None
-    path = os.path.join(parts_dir, name + ".arrayrecord")
-    tmp = path + ".tmp"
-    writer = ArrayRecordWriter(tmp, "group_size:1")
-    try:
-        for b0 in range(c * chunk_clips, min((c + 1) * chunk_clips, n), batch):
-            idx = b0 + rows  # this process's rows of the global batch (clip indices; may pass n)
-            ex = [decode_example(source[int(min(i, n - 1))]) for i in idx]  # past n: padding
-            x = np.stack([e["frames"] for e in ex])  # (rows, T, H, W, 3)
-            out = fn(state, sharding.global_batch({"x": x}, mesh, rules, batch_size=batch)["x"])
-            local = {}
-            for sh in out.addressable_shards:  # this process's rows of the output
-                start = sh.index[0].start or 0
-                data = np.asarray(sh.data, np.float32)
-                for r in range(data.shape[0]):
-                    local.setdefault(start + r, data[r])
-            for j, i in enumerate(idx):
-                if i >= n:
-                    continue
-                lat = local[int(rows[j])]
-                shape = lat.shape
-                writer.write(_record(int(i), ex[j]["caption"], lat.astype(dtype)))
-                indices.append(int(i))
-                lat64 = lat.astype(np.float64).reshape(-1, lat.shape[-1])
-                total = total + lat64.sum(0)
-                total_sq = total_sq + np.square(lat64).sum(0)
-                count += lat64.shape[0]
-            bar.update(1)
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+    # The records go to a temporary sibling, renamed into place when complete (fileio.atomic_path).
+    with fileio.atomic_path(os.path.join(parts_dir, name + ".arrayrecord")) as tmp:
+        writer = ArrayRecordWriter(tmp, "group_size:1")
+        try:
+            for b0 in range(c * chunk_clips, min((c + 1) * chunk_clips, n), batch):
+                idx = b0 + rows  # this process's rows of the global batch (clip indices; may pass n)
+                ex = [decode_example(source[int(min(i, n - 1))]) for i in idx]  # past n: padding
+                x = np.stack([e["frames"] for e in ex])  # (rows, T, H, W, 3)
+                out = fn(state, sharding.global_batch({"x": x}, mesh, rules, batch_size=batch)["x"])
+                local = {}
+                for sh in out.addressable_shards:  # this process's rows of the output
+                    start = sh.index[0].start or 0
+                    data = np.asarray(sh.data, np.float32)
+                    for r in range(data.shape[0]):
+                        local.setdefault(start + r, data[r])
+                for j, i in enumerate(idx):
+                    if i >= n:
+                        continue
+                    lat = local[int(rows[j])]
+                    shape = lat.shape
+                    writer.write(_record(int(i), ex[j]["caption"], lat.astype(dtype)))
+                    indices.append(int(i))
+                    lat64 = lat.astype(np.float64).reshape(-1, lat.shape[-1])
+                    total = total + lat64.sum(0)
+                    total_sq = total_sq + np.square(lat64).sum(0)
+                    count += lat64.shape[0]
+                bar.update(1)
+        finally:
+            writer.close()
     fileio.write_json(os.path.join(parts_dir, name + ".json"), {
         "indices": indices, "count": count, "shape": list(shape) if shape else None,
         "sum": np.asarray(total).tolist(), "sum_sq": np.asarray(total_sq).tolist()}, indent=None)

@@ -23,14 +23,15 @@ SOLVERS = ("euler", "heun", "unipc")
 TRACE_COUNT = {"sample": 0}
 
 
-def _cfg_velocity(model, x, sigma, ctx, neg_ctx, guidance, use_cfg: bool):
-    """Classifier-free guidance: v = v_neg + g (v_pos - v_neg), both in one batched call."""
+def _cfg_velocity(model, x, sigma, text_kv, guidance, use_cfg: bool):
+    """Classifier-free guidance: v = v_neg + g (v_pos - v_neg), both in one batched call.
+    `text_kv`: the DiT's cross-attention keys/values of the prompts (then, with CFG, of the
+    negative prompts), computed once per sample (VideoModel.text_kv)."""
     b = x.shape[0]
     if not use_cfg:
-        return model.velocity(x, jnp.full((b,), sigma, x.dtype), ctx)
+        return model.velocity(x, jnp.full((b,), sigma, x.dtype), None, text_kv=text_kv)
     xx = jnp.concatenate([x, x], axis=0)  # (2B, t, h, w, z)
-    cc = jnp.concatenate([ctx, neg_ctx], axis=0)  # (2B, L, D)
-    v = model.velocity(xx, jnp.full((2 * b,), sigma, x.dtype), cc)
+    v = model.velocity(xx, jnp.full((2 * b,), sigma, x.dtype), None, text_kv=text_kv)
     v_pos, v_neg = v[:b], v[b:]
     return v_neg + guidance * (v_pos - v_neg)
 
@@ -191,12 +192,15 @@ def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rul
         TRACE_COUNT["sample"] += 1
         model = nnx.merge(graphdef, state)
         ctx = model.encode_text(ids, mask)  # (B, L, D)
-        neg_ctx = model.encode_text(neg_ids, neg_mask) if use_cfg else None
+        if use_cfg:  # (2B, L, D): the conditional and unconditional halves of one batched call
+            ctx = jnp.concatenate([ctx, model.encode_text(neg_ids, neg_mask)], axis=0)
+        # The text's cross-attention keys/values, once per sample (not per denoising step).
+        kv = model.text_kv(ctx)
         if solver == "unipc":
             t_of = model_sigma_lookup(sigmas, model_sigmas)
-            vel = lambda x, s: _cfg_velocity(model, x, t_of(s), ctx, neg_ctx, guidance, use_cfg)
+            vel = lambda x, s: _cfg_velocity(model, x, t_of(s), kv, guidance, use_cfg)
         else:
-            vel = lambda x, s: _cfg_velocity(model, x, s, ctx, neg_ctx, guidance, use_cfg)
+            vel = lambda x, s: _cfg_velocity(model, x, s, kv, guidance, use_cfg)
         latents = _SOLVER_FNS[solver](vel, noise, sigmas)  # (B, t, h, w, z)
         if not decode:
             return latents, None

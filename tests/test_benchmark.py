@@ -44,6 +44,8 @@ def test_cpu_benchmark_quick_writes_every_figure(tmp_path):
     bad = {k: res.get(k) for k in CPU_KEYS if not _positive(res.get(k))}
     assert not bad, bad
     assert math.isfinite(res["sampler_loop_overhead"]) and res["sampler_loop_overhead"] > -1
+    # The text K/V once per sample computes what per-step K/V does (same ops, hoisted).
+    assert res["sampler_text_kv_speedup"] > 0 and res["sampler_text_kv_max_abs_diff"] < 1e-5
     assert res["step_cache_speedup"] is None and res["step_cache_note"]
     # Without --torch-python the speed-ups are present and null, not missing.
     for k in ("dit_train_speedup_vs_torch", "dit_forward_speedup_vs_torch", "vae_decode_speedup_vs_torch"):

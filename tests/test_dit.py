@@ -181,3 +181,22 @@ def test_params_carry_logical_axis_names():
     assert blk.ffn_in.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
     assert blk.attn1.norm_q.scale.get_metadata()["out_sharding"] == ("norm",)
     assert blk.scale_shift_table.get_metadata()["out_sharding"] == (None, "modulation", "embed")
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_text_kv_once_matches_diffusers(tiny, scan):
+    """The sampler's path: every block's cross-attention K/V of the prompt computed once
+    (WanDiT.text_kv), then the forward without the context, scanned or unrolled blocks: still
+    diffusers' output (the f2 and per-token cases)."""
+    import dataclasses
+
+    _, cfg, model, io, _ = tiny
+    m = nnx.eval_shape(lambda: dit.WanDiT(dataclasses.replace(cfg, scan_layers=scan), rngs=nnx.Rngs(0)))
+    nnx.update(m, nnx.state(model))
+    kv = nnx.jit(lambda m, c: m.text_kv(c))(m, io["ctx"])
+    assert kv[0].shape == (cfg.num_layers, io["ctx"].shape[0], io["ctx"].shape[1],
+                           cfg.num_attention_heads, cfg.attention_head_dim)
+    fwd = nnx.jit(lambda m, x, t, kv: m(x, t, None, text_kv=kv))
+    for case in ("f2", "tok"):
+        out = fwd(m, _cl(io[f"x_{case}"]), io[f"t_{case}"], kv)
+        chex.assert_trees_all_close(out, _cl(io[f"out_{case}"]), atol=PARITY_ATOL, rtol=0)

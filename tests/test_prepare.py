@@ -332,6 +332,7 @@ def test_cache_latents_two_processes_killed_and_resumed_then_trains(prepared, wa
     outs = run_all(cmds(), tmp_path, "cache")
     assert "1 done, encoding 3" in outs[0] or "done, encoding" in outs[0], outs[0][-2000:]
     assert {f: os.stat(lat / "parts" / f).st_mtime_ns for f in kept} == kept  # chunk 0 not redone
+    assert not [f for f in os.listdir(lat / "parts") if f.startswith(".")]  # the killed run's temporaries
     cache = latents.LatentCache(str(lat))
     assert len(cache) == 8 and cache.meta["dtype"] == "bfloat16" and len(cache.meta["parts"]) == 8
 

@@ -145,21 +145,32 @@ class WanAttention(nnx.Module):
         self.norm_q = TorchRMSNorm(d, cfg.eps, cfg) if cfg.qk_norm else None
         self.norm_k = TorchRMSNorm(d, cfg.eps, cfg) if cfg.qk_norm else None
 
-    def __call__(self, x, context=None, rope=None):
+    def project_kv(self, context):
+        """Cross-attention keys and values of `context` (B, L, D): (k, v), each (B, L, H, hd)."""
+        heads = (self.cfg.num_attention_heads, self.cfg.attention_head_dim)
+        k, v = self.to_k(context), self.to_v(context)  # (B, L, D)
+        if self.norm_k is not None:
+            k = self.norm_k(k)
+        return k.reshape(*k.shape[:2], *heads), v.reshape(*v.shape[:2], *heads)
+
+    def __call__(self, x, context=None, rope=None, kv=None):
+        """Self-attention (context None), or cross-attention on `context` or on its keys and
+        values `kv` = project_kv(context) computed beforehand (the sampler: once per sample)."""
         cfg = self.cfg
-        kv_in = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(kv_in), self.to_v(kv_in)  # (B, N|L, D)
-        if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
         heads = (cfg.num_attention_heads, cfg.attention_head_dim)
+        q = self.to_q(x)  # (B, N, D)
+        if self.norm_q is not None:
+            q = self.norm_q(q)
         q = q.reshape(*q.shape[:2], *heads)  # (B, N, H, hd)
-        k = k.reshape(*k.shape[:2], *heads)  # (B, L, H, hd)
-        v = v.reshape(*v.shape[:2], *heads)
+        if kv is not None:
+            k, v = kv
+        else:
+            k, v = self.project_kv(x if context is None else context)  # (B, N|L, H, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         names = ("batch", "length", "heads", None)
         q, k, v = (sharding.constrain(a, names) for a in (q, k, v))
-        if context is None:
+        if context is None and kv is None:
             o = self_attention(q, k, v, backend=cfg.attention, context_parallel=cfg.context_parallel)
         else:  # text keys are short and replicated over the sequence shards
             o = dot_product_attention(q, k, v, backend=cfg.attention)  # (B, N, H, hd)
@@ -180,8 +191,9 @@ class WanBlock(nnx.Module):
         self.scale_shift_table = nnx.Param(init.astype(jnp.dtype(cfg.param_dtype)),
                                            out_sharding=(None, "modulation", "embed"))
 
-    def __call__(self, x, context, mod, cos, sin):
-        """x (B, N, D); context (B, L, D); mod (B, S, 6, D) f32 with S in {1, N}."""
+    def __call__(self, x, context, mod, cos, sin, kv=None):
+        """x (B, N, D); context (B, L, D), or None with kv = attn2.project_kv(context);
+        mod (B, S, 6, D) f32 with S in {1, N}."""
         cfg, dt = self.cfg, x.dtype
         m = self.scale_shift_table[...].astype(F32)[None] + mod  # (B, S, 6, D)
         shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, i] for i in range(6))  # (B, S, D)
@@ -190,7 +202,7 @@ class WanBlock(nnx.Module):
         x = (x.astype(F32) + self.attn1(h, None, (cos, sin)).astype(F32) * gate).astype(dt)
 
         h = (self.norm2(x) if self.norm2 is not None else x).astype(dt)
-        x = x + self.attn2(h, context)
+        x = x + self.attn2(h, context, kv=kv)
 
         h = (layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dt)
         ff = sharding.constrain(self.ffn_in(h), ("batch", "length", "mlp"))  # (B, N, F)
@@ -218,14 +230,15 @@ REMAT_POLICIES = {
 }
 
 
-def run_blocks(blocks, hid, ctx, mod, cos, sin, cfg: DiTConfig):
+def run_blocks(blocks, hid, ctx, mod, cos, sin, cfg: DiTConfig, text_kv=None):
     """Applies the blocks in order, as pure functions of each block's state so that remat and
     scan act on plain pytrees. scan_layers stacks the blocks' states at call time (one copy of
-    the parameters, sharded like them) and scans one compiled block over them."""
+    the parameters, sharded like them) and scans one compiled block over them. `text_kv`: the
+    blocks' cross-attention (k, v), stacked over layers (WanDiT.text_kv), instead of ctx."""
     graphdef, first = nnx.split(blocks[0])
 
-    def apply(state, h):
-        return nnx.merge(graphdef, state)(h, ctx, mod, cos, sin)
+    def apply(state, h, kv=None):
+        return nnx.merge(graphdef, state)(h, ctx, mod, cos, sin, kv)
 
     use_remat, policy = remat_policy(cfg.remat)
     if use_remat:
@@ -233,11 +246,11 @@ def run_blocks(blocks, hid, ctx, mod, cos, sin, cfg: DiTConfig):
     states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
     if cfg.scan_layers and len(states) > 1:
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-        hid, _ = jax.lax.scan(lambda h, st: (apply(st, h), None), hid, stacked)
+        hid, _ = jax.lax.scan(lambda h, xs: (apply(xs[0], h, xs[1]), None), hid, (stacked, text_kv))
         return hid
-    for st in states:
-        hid = apply(st, hid)  # (B, N, D)
-    return hid
+    for i, st in enumerate(states):
+        hid = apply(st, hid, None if text_kv is None else jax.tree.map(lambda a: a[i], text_kv))
+    return hid  # (B, N, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,9 +278,20 @@ class WanDiT(nnx.Module):
         self.scale_shift_table = nnx.Param(init.astype(jnp.dtype(cfg.param_dtype)),
                                            out_sharding=(None, "modulation", "embed"))
 
-    def __call__(self, x, t, context, positions=None):
-        """x (B, F, H, W, Cin); t (B,) or (B, N) in [0, 1000]; context (B, L, text_dim);
-        positions: optional (B, N, 3) int (t, h, w) per token, default the regular grid.
+    def text_kv(self, context):
+        """Every block's cross-attention keys and values of `context` (B, L, text_dim), stacked
+        over layers: (k, v), each (layers, B, L, H, hd). They do not depend on the noisy input or
+        the timestep, so a sampler computes them once per sample, not once per step."""
+        dt = jnp.dtype(self.cfg.dtype)
+        ctx = self.text_embedder_1(context.astype(dt))
+        ctx = self.text_embedder_2(jax.nn.gelu(ctx, approximate=True))  # (B, L, D)
+        kvs = [b.attn2.project_kv(ctx) for b in self.blocks]
+        return tuple(jnp.stack(a) for a in zip(*kvs))
+
+    def __call__(self, x, t, context, positions=None, text_kv=None):
+        """x (B, F, H, W, Cin); t (B,) or (B, N) in [0, 1000]; context (B, L, text_dim), or None
+        with `text_kv` = self.text_kv(context) computed beforehand; positions: optional
+        (B, N, 3) int (t, h, w) per token, default the regular grid.
         Returns the velocity (B, F, H, W, Cout) in `cfg.dtype`."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         B, F, H, W, C = x.shape
@@ -299,10 +323,13 @@ class WanDiT(nnx.Module):
         mod = self.time_proj(jax.nn.silu(temb.astype(dt)))  # (B, S, 6D)
         mod = mod.astype(F32).reshape(*mod.shape[:2], 6, d)  # (B, S, 6, D)
 
-        ctx = self.text_embedder_1(context.astype(dt))
-        ctx = self.text_embedder_2(jax.nn.gelu(ctx, approximate=True))  # (B, L, D)
+        if text_kv is None:
+            ctx = self.text_embedder_1(context.astype(dt))
+            ctx = self.text_embedder_2(jax.nn.gelu(ctx, approximate=True))  # (B, L, D)
+        else:
+            ctx = None
 
-        hid = run_blocks(list(self.blocks), hid, ctx, mod, cos, sin, cfg)  # (B, N, D)
+        hid = run_blocks(list(self.blocks), hid, ctx, mod, cos, sin, cfg, text_kv)  # (B, N, D)
 
         m = self.scale_shift_table[...].astype(F32)[None] + temb[:, :, None, :]  # (B, S, 2, D)
         shift, scale = m[:, :, 0], m[:, :, 1]

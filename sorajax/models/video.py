@@ -64,12 +64,20 @@ class VideoModel(nnx.Module):
         chex.assert_equal_shape([ids, mask])
         return text_lib.encode_prompts(self.text, ids, mask)
 
-    def velocity(self, latents, sigma, context):
-        """v(x_sigma) for latents (B, t, h, w, z) and sigma (B,) or per-token (B, N)."""
+    def velocity(self, latents, sigma, context, text_kv=None):
+        """v(x_sigma) for latents (B, t, h, w, z) and sigma (B,) or per-token (B, N); the text
+        as its DiT context (B, L, D), or (context None) as text_kv(context) computed before."""
         chex.assert_rank(latents, 5)
-        chex.assert_rank(context, 3)
-        chex.assert_equal_shape_prefix([latents, sigma, context], 1)
-        return self.dit(latents, sigma * 1000.0, context)
+        if text_kv is None:
+            chex.assert_rank(context, 3)
+            chex.assert_equal_shape_prefix([latents, sigma, context], 1)
+        else:
+            chex.assert_equal_shape_prefix([latents, sigma, text_kv[0][0]], 1)
+        return self.dit(latents, sigma * 1000.0, context, text_kv=text_kv)
+
+    def text_kv(self, context):
+        """The DiT's cross-attention keys/values of a context (WanDiT.text_kv): once per sample."""
+        return self.dit.text_kv(context)
 
     def encode_video(self, frames):
         """Pixels (B, T, H, W, 3) in [-1, 1] -> normalized latent means (B, t, h, w, z)."""
