@@ -131,6 +131,9 @@ def validate(config, data: bool = True) -> None:
           "(a latent cache in data.dir)")
     _need(config.vae.cache_dtype in ("bfloat16", "float32"), "vae.cache_dtype", config.vae.cache_dtype,
           "must be 'bfloat16' or 'float32'")
+    _need(d.source != "world" or not d.dir, "data.dir", d.dir,
+          "is read only with data.source='folder' (a prepared DATA_DIR) or 'latents' (a latent "
+          "cache); add --config.data.source=folder (or latents), or drop data.dir for the world")
     _need(d.source != "latents" or "vae" not in stages, "stages", stages,
           "data.source='latents' holds no pixels to train a VAE on: train the 'dit' stage only")
     num_train = (None if not data else _folder_dataset(d)["train_clips"] if d.source == "folder" else

@@ -229,7 +229,9 @@ def test_training_refuses_a_folder_of_another_shape(prepared, capfd):
 
     _, out, _, _ = prepared
     for extra, words in ((["--config.data.height=64"], "its clips are 9x32x32"),
-                         ([], "not a prepared dataset")):
+                         ([], "not a prepared dataset"),
+                         # a data.dir the world source would silently ignore
+                         (["--config.data.source=world"], "is read only with data.source='folder'")):
         d = out if extra else out / "video_folder"
         capfd.readouterr()
         rc = train.main(["--config", str(ROOT / "configs" / "videos.py:runlocal"), "--workdir",
