@@ -98,6 +98,10 @@ def get_config() -> ml_collections.ConfigDict:
         steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, weight_decay=0.01, ema_decay=0.999)
     c.dit_train.text_dropout = 0.1  # captions replaced by "" (the unconditional branch of CFG)
     c.dit_train.sample_at_end = True  # sample eval prompts into WORKDIR/samples + TensorBoard
+    # >0: every N steps (and at the last) sample the world's validation prompts with the EMA
+    # weights and log the world benchmark's metrics (eval/*) to metrics.jsonl and TensorBoard
+    c.dit_train.eval_every = 0
+    c.dit_train.eval_prompts = 24  # how many of the 24 validation prompts (the first N) it samples
 
     # -- rectified flow (sorajax/flow.py).
     c.flow = ml_collections.ConfigDict()

@@ -112,16 +112,17 @@ def model_generate(pipe, *, steps=None, guidance=None, frames=None, height=None,
 
 
 def run_benchmark(generate: Generate, *, seed: int = 0, seeds: int = 1, batch_size: int = 12,
-                  prompts: str = "test", info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Generates a prompt set ("test" or "validation") `seeds` times and scores it ->
-    {"metrics", "stderr", "videos", "info"}.
+                  prompts: str = "test", info: dict[str, Any] | None = None,
+                  num_prompts: int | None = None) -> dict[str, Any]:
+    """Generates a prompt set ("test" or "validation"; its first `num_prompts` when given)
+    `seeds` times and scores it -> {"metrics", "stderr", "videos", "info"}.
 
     Sampling seed k (0 <= k < seeds) starts at seed + k * len(prompts); its batch i uses that
     plus its first prompt's index, so no two batches share a seed. "metrics" are the means of
     the per-seed metrics, "stderr" their standard errors over the seeds (None with one seed)."""
     if prompts not in world_lib.PROMPT_SETS:
         raise ValueError(f"prompts must be one of {sorted(world_lib.PROMPT_SETS)}, got {prompts!r}")
-    plist = world_lib.PROMPT_SETS[prompts]
+    plist = world_lib.PROMPT_SETS[prompts][:num_prompts]
     per_seed, videos, perm_clips, shape = [], [], 0, None
     for k in range(seeds):
         base = seed + k * len(plist)

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from sorajax import checkpoint as ckpt_lib
-from sorajax import config_base, flops, flow, inference, latents, sharding, video_io
+from sorajax import config_base, evaluate, flops, flow, inference, latents, sharding, video_io
 from sorajax import tokenizer as tok_lib
 from sorajax.data import builders
 from sorajax.errors import RunFailed, UserError
@@ -90,6 +90,14 @@ class Stage(abc.ABC):
 
     def meta(self) -> dict:
         """JSON metadata saved with every checkpoint."""
+        return {}
+
+    def eval_every(self) -> int:
+        """Steps between in-training evaluations (0: none); see evaluate()."""
+        return 0
+
+    def evaluate(self, state: dict, trainer: Trainer, step: int) -> dict[str, float]:
+        """Metrics of the current state, logged with the step's row (keys "eval/...")."""
         return {}
 
     def step_flops(self) -> float | None:
@@ -261,12 +269,17 @@ class DiTStage(Stage):
         return self.run_dir
 
     def prepare(self, mesh) -> None:
-        """The latent cache the DiT trains from: data.source='latents' names one (built by
+        """(In-training evaluation needs one process: the sampler runs on one host.) The latent
+        cache the DiT trains from: data.source='latents' names one (built by
         `python -m sorajax.cache_latents` with this run's frozen VAE), else with
         vae.precompute_latents the training clips are encoded once into RUN/latents (streamed,
         resumable: sorajax/latents.py). With vae.normalize_latents its per-channel statistics
         become the VAE's latents_mean/std, so the DiT sees unit-scale data."""
         config = self.config
+        if self.tcfg.eval_every and jax.process_count() > 1:
+            raise UserError(f"{self.section}.eval_every={self.tcfg.eval_every}: in-training evaluation "
+                            "samples on one host; set it to 0 for a multi-process run and evaluate "
+                            "checkpoints with `python -m sorajax.evaluate --workdir RUN`")
         if config.data.source == "latents":
             self.latent_source = latents.LatentCache(config.data.dir)
             want, got = vae_provenance(config, self.run_dir), self.latent_source.meta["fingerprint"]["vae"]
@@ -366,6 +379,22 @@ class DiTStage(Stage):
     def meta(self):
         return {"tokenizer": os.path.relpath(self.tokenizer_path, self.run_dir) if self.tokenizer_path
                 else "", "config": self.config.to_dict()}
+
+    def eval_every(self):
+        return int(self.tcfg.eval_every)
+
+    def evaluate(self, state, trainer, step):
+        """The world benchmark (sorajax.evaluate) on the first `eval_prompts` validation prompts,
+        sampled with the EMA weights at the config's sampling settings, seed 0 (the same noise at
+        every evaluation, so the rows compare). -> {"eval/<metric>": value}."""
+        cfgs = video.model_configs(self.config, vocab_size=self.cfgs[2].vocab_size)  # latent stats now in
+        model = nnx.eval_shape(lambda: video.VideoModel(*cfgs, rngs=nnx.Rngs(0)))
+        nnx.update(model, nnx.state(nnx.merge(trainer.graphdef, state["ema"], state["frozen"])))
+        graphdef, weights = nnx.split(model)
+        pipe = inference.Pipeline(self.config, graphdef, weights, self.tokenizer, trainer.mesh, cfgs[0], cfgs[1])
+        rep = evaluate.run_benchmark(evaluate.model_generate(pipe), prompts="validation",
+                                     num_prompts=int(self.tcfg.eval_prompts))
+        return {f"eval/{k}": float(v) for k, v in rep["metrics"].items()}
 
     def on_end(self, state, trainer, writer, step):
         """Samples the first evaluation prompts with the EMA weights into RUN/samples (+ TensorBoard).

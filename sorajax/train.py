@@ -194,10 +194,15 @@ def run_stage(stage: stages.Stage, config, mesh) -> dict:
             state, m = step_fn(state, batch)
             step += 1
             stop.agree()
-            if step % tcfg.log_every == 0 or step == total:  # the only host fetch of metrics
+            ev = stage.eval_every()
+            eval_now = ev and (step % ev == 0 or step == total)
+            if step % tcfg.log_every == 0 or step == total or eval_now:  # the only host fetch of metrics
                 host = {k: float(v) for k, v in jax.device_get(m).items()}
                 now = time.time()
                 sps = (step - s_last) / max(now - t_last, 1e-9)
+                if eval_now:  # its metrics join this step's row; its time is not the next rows'
+                    host.update(stage.evaluate(state, trainer, step))
+                    now = time.time()
                 t_last, s_last = now, step
                 bad_run = int(jax.device_get(state["train"]["nonfinite_in_a_row"]))
                 if step_flops:

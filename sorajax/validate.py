@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from sorajax import config_base, sampler, sharding
+from sorajax.data import world as world_lib
 from sorajax.errors import UserError
 from sorajax.models import dit as dit_lib
 from sorajax.models import video
@@ -112,6 +113,14 @@ def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
     else:
         _need(is_num(t.text_dropout) and 0 <= t.text_dropout <= 1, f"{name}.text_dropout",
               t.text_dropout, "must be in [0, 1]")
+        _need(is_int(t.eval_every) and t.eval_every >= 0, f"{name}.eval_every", t.eval_every,
+              "must be an integer >= 0 (0 = no in-training evaluation)")
+        n_val = len(world_lib.VALIDATION_PROMPTS)
+        _need(is_int(t.eval_prompts) and 1 <= t.eval_prompts <= n_val, f"{name}.eval_prompts",
+              t.eval_prompts, f"must be an integer in [1, {n_val}] (the validation prompts)")
+        _need(not t.eval_every or d.source == "world", f"{name}.eval_every", t.eval_every,
+              "in-training evaluation scores the synthetic world's prompts against its ground truth: "
+              "it needs data.source='world' (set it to 0 for other data)")
 
 
 def validate(config, data: bool = True) -> None:

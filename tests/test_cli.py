@@ -10,9 +10,12 @@ from tests.helpers import run_cli
 
 
 def _train(workdir, data_dir, *extra):
+    # In-training evaluation at steps 3 and 6 on 4 validation prompts (the shape of the
+    # end-of-training samples: the same compiled sampler).
     return run_cli(["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", str(workdir),
                     f"--config.data.data_dir={data_dir}", "--config.dit_train.log_every=1",
-                    "--config.vae_train.log_every=1", *extra])
+                    "--config.vae_train.log_every=1", "--config.dit_train.eval_every=3",
+                    "--config.dit_train.eval_prompts=4", *extra])
 
 
 @pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
@@ -56,6 +59,12 @@ def test_train_outputs(run_dir):
     assert all(np.isfinite(r["loss"]) for r in rows)
     # Throughput against the machine's measured f32 matmul ceiling (flops.run_peak_flops on CPU).
     assert all(r["model_tflops_per_sec"] > 0 and 0 < r["mfu"] < 1.5 for r in rows)
+    # In-training evaluation (dit_train.eval_every=3): the world metrics join rows 3 and 6 only.
+    evals = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in rows}
+    assert [s for s, e in evals.items() if e] == [3, 6]
+    assert {"eval/color_adherence", "eval/direction_adherence", "eval/object_permanence",
+            "eval/prompt_adherence"} <= set(evals[6])
+    assert all(0 <= v <= 1 for v in evals[6].values()), evals[6]
     assert os.path.isdir(run_dir / "checkpoints" / "6") and os.path.isdir(run_dir / "vae" / "checkpoints" / "6")
     assert any(f.startswith("events") for f in os.listdir(run_dir / "tensorboard"))
     assert (run_dir / "config.json").exists() and (run_dir / "tokenizer" / "spiece.model").exists()
