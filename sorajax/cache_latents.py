@@ -70,7 +70,17 @@ def _main(argv):
     if not config.init_from and not args.workdir:
         raise UserError("no VAE to encode with: the config has no init_from checkpoint; pass "
                         "--workdir RUN of a run that trained its VAE stage")
-    validate.validate(config)
+    # The config's shapes and model; not its training batches (this command does not train):
+    # the clips' shape is checked when the folder is opened (builders.folder_source).
+    validate.validate(config, data=False)
+    run_dir = args.workdir or args.out
+    provenance = stages.vae_provenance(config, run_dir)
+    if provenance.endswith("/none"):  # checked before --out is created
+        raise UserError(f"--workdir {args.workdir!r}: no VAE checkpoint in {os.path.join(args.workdir, 'vae')}; "
+                        "train its 'vae' stage first (python -m sorajax.train ...)")
+    if config.init_from and not os.path.isdir(config.init_from):
+        raise UserError(f"init_from={config.init_from!r}: no such checkpoint directory (convert one with "
+                        "scripts/convert_diffusers.py, or pass --config.init_from=CKPT_DIR)")
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
     if jax.process_index() == 0:
@@ -79,11 +89,10 @@ def _main(argv):
         if config.data.source == "world":
             builders.source(config.data, "train", build=True)
     sharding.sync("sorajax:cache_start")
-    run_dir = args.workdir or args.out
     source = builders.source(config.data, "train", build=False)
     t0 = time.time()
     cache = latents.build(config, source, mesh, args.out,
-                          vae_provenance=stages.vae_provenance(config, run_dir),
+                          vae_provenance=provenance,
                           load_vae=lambda: stages.load_vae_state(config, run_dir, mesh),
                           batch_size=args.batch_size, shard_clips=args.shard_clips)
     if jax.process_index() == 0:

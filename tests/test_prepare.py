@@ -356,3 +356,16 @@ def test_cache_latents_two_processes_killed_and_resumed_then_trains(prepared, wa
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == list(range(1, 11)) and all(np.isfinite(x["loss"]) for x in rows)
+
+
+def test_cache_latents_bad_input_is_one_line_and_writes_nothing(prepared, tmp_path):
+    _, data, _, _ = prepared
+    for args, words in ((["--config", "configs/videos.py:runlocal"], "no VAE to encode with"),
+                        (["--config", "configs/videos.py:runlocal", "--workdir", str(tmp_path / "none")],
+                         "no VAE checkpoint"),
+                        (["--config", "configs/pods/wan14b_v5p256.py", "--config.data.frames=9",
+                          "--config.data.height=32", "--config.data.width=32"], "no such checkpoint directory")):
+        r = run_cli(["-m", "sorajax.cache_latents", *args, "--data", str(data), "--out", str(tmp_path / "lat")])
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert words in r.stderr.strip().splitlines()[-1], r.stderr
+        assert not (tmp_path / "lat").exists()
