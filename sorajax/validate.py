@@ -32,52 +32,49 @@ def _need(ok, field, value, allowed):
         raise UserError(f"{field}={value!r}: {allowed}")
 
 
-def _folder_dataset(d) -> dict:
-    """data.source='folder': the prepared DATA_DIR's summary (report.json "dataset", written by
-    `python -m sorajax.data.prepare`), checked against data.frames/height/width."""
+def _dataset_summary(d, *, file: str, what: str, make: str, read) -> tuple[tuple, int]:
+    """((frames, height, width), training clips) of the dataset at data.dir, from its summary
+    file (`read(json) -> (shape, clips)`); one UserError line naming `make` when it is missing,
+    unreadable or of another clip shape than data.frames/height/width."""
     _need(isinstance(d.dir, str) and d.dir, "data.dir", d.dir,
-          "data.source='folder' trains on a prepared DATA_DIR: pass --config.data.dir=DATA_DIR "
-          "(python -m sorajax.data.prepare --src VIDEOS_DIR --out DATA_DIR writes one)")
-    path = os.path.join(d.dir, "report.json")
+          f"data.source={d.source!r} trains on {what}: pass --config.data.dir=DIR ({make} writes one)")
+    path = os.path.join(d.dir, file)
     try:
         with open(path) as f:
-            ds = json.load(f)["dataset"]
-        shape = tuple(int(ds[k]) for k in ("frames", "height", "width"))
-        train = int(ds["splits"]["train"])
+            shape, clips = read(json.load(f))
+        shape, clips = tuple(int(v) for v in shape), int(clips)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"data.dir={d.dir!r}: not a prepared dataset ({path}: "
-                        f"{getattr(e, 'strerror', None) or type(e).__name__}); prepare it with "
-                        f"python -m sorajax.data.prepare --src VIDEOS_DIR --out {d.dir}") from None
+        raise UserError(f"data.dir={d.dir!r}: not {what} ({path}: "
+                        f"{getattr(e, 'strerror', None) or type(e).__name__}); make it with {make}") from None
     want = (d.frames, d.height, d.width)
     _need(shape == want, "data.dir", d.dir,
           f"its clips are {'x'.join(map(str, shape))} (frames x height x width) but the config's "
-          f"data.frames/height/width are {'x'.join(map(str, want))}; prepare it again with --frames "
-          f"{want[0]} --height {want[1]} --width {want[2]} (or --config), or change the config")
-    return {"train_clips": train}
+          f"data.frames/height/width are {'x'.join(map(str, want))}; make it again with {make} "
+          f"at {want[0]}x{want[1]}x{want[2]} (--frames/--height/--width or --config), or change the config")
+    return shape, clips
+
+
+def _folder_dataset(d) -> dict:
+    """data.source='folder': the prepared DATA_DIR's summary (report.json "dataset", written by
+    `python -m sorajax.data.prepare`), checked against data.frames/height/width."""
+    def read(report):
+        ds = report["dataset"]
+        return [ds[k] for k in ("frames", "height", "width")], ds["splits"]["train"]
+    _, n = _dataset_summary(d, file="report.json", what="a prepared dataset", read=read,
+                            make=f"python -m sorajax.data.prepare --src VIDEOS_DIR --out {d.dir or 'DATA_DIR'}")
+    return {"train_clips": n}
 
 
 def _latent_cache(config) -> dict:
     """data.source='latents': the cache at data.dir (python -m sorajax.cache_latents), checked
-    against data.frames/height/width; the VAE stage cannot train on it (no pixels)."""
+    against data.frames/height/width."""
     d = config.data
-    _need(isinstance(d.dir, str) and d.dir, "data.dir", d.dir,
-          "data.source='latents' trains on a latent cache: pass --config.data.dir=LATENTS_DIR "
-          "(python -m sorajax.cache_latents --out LATENTS_DIR writes one)")
-    path = os.path.join(d.dir, "cache.json")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
+
+    def read(meta):
         fd = meta["fingerprint"]["data"]
-        shape = tuple(int(fd[k]) for k in ("frames", "height", "width"))
-        n = int(meta["num_clips"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"data.dir={d.dir!r}: not a complete latent cache ({path}: "
-                        f"{getattr(e, 'strerror', None) or type(e).__name__}); build it with "
-                        f"python -m sorajax.cache_latents --out {d.dir}") from None
-    want = (d.frames, d.height, d.width)
-    _need(shape == want, "data.dir", d.dir,
-          f"its latents are of {'x'.join(map(str, shape))} clips (frames x height x width) but the "
-          f"config's data.frames/height/width are {'x'.join(map(str, want))}")
+        return [fd[k] for k in ("frames", "height", "width")], meta["num_clips"]
+    _, n = _dataset_summary(d, file="cache.json", what="a complete latent cache", read=read,
+                            make=f"python -m sorajax.cache_latents --out {d.dir or 'LATENTS_DIR'}")
     return {"train_clips": n}
 
 
