@@ -421,6 +421,17 @@ def bench_sampler(spec, repeats, out):
                step_cache_speedup=None, step_cache_note=STEP_CACHE_NOTE)
 
 
+class DiTVelocity:
+    """A bare WanDiT as the model sampler._cfg_velocity calls (velocity(x, sigma, ctx, text_kv)),
+    for the sampler timings of a DiT without a VAE or text encoder (also scripts/gpu_bench.py)."""
+
+    def __init__(self, dit):
+        self.dit = dit
+
+    def velocity(self, x, sigma, ctx, text_kv=None):
+        return self.dit(x, sigma * 1000.0, ctx, text_kv=text_kv)
+
+
 def bench_text_kv(dit_spec, spec, repeats, out):
     """The denoising loop (Euler, CFG batch 2) of the DiT of the dit section with every block's
     text cross-attention keys/values computed once per sample (what sorajax.sampler does) vs
@@ -439,15 +450,8 @@ def bench_text_kv(dit_spec, spec, repeats, out):
     ctx = jax.random.normal(jax.random.key(1), (2, L, cfg.text_dim), jnp.float32)  # prompt, negative
     sig = jnp.asarray(flow.flow_match_sigmas(steps, 1.0))
 
-    class _Model:  # what sampler._cfg_velocity calls
-        def __init__(self, dit):
-            self.dit = dit
-
-        def velocity(self, x, sigma, c, text_kv=None):
-            return self.dit(x, sigma * 1000.0, c, text_kv=text_kv)
-
     def per_step(st, x, ctx, sig):
-        m = _Model(nnx.merge(graphdef, st))
+        m = DiTVelocity(nnx.merge(graphdef, st))
 
         def vel(x, s):
             v = m.velocity(jnp.concatenate([x, x]), jnp.full((2,), s), ctx)
@@ -455,7 +459,7 @@ def bench_text_kv(dit_spec, spec, repeats, out):
         return sampler._euler(vel, x, sig)
 
     def once(st, x, ctx, sig):
-        m = _Model(nnx.merge(graphdef, st))
+        m = DiTVelocity(nnx.merge(graphdef, st))
         kv = m.dit.text_kv(ctx)
         return sampler._euler(lambda x, s: sampler._cfg_velocity(m, x, s, kv, 5.0, True), x, sig)
 

@@ -162,13 +162,6 @@ def bench_sampler(sz, dtype, out, peak):
     L = int(sz["text_len"])
     graphdef, state = bm.random_model(lambda: dit_lib.WanDiT(dit_cfg, rngs=nnx.Rngs(0)))
 
-    class _Model:  # what sampler._cfg_velocity calls: velocity(x, sigma (B,), None, text_kv=...)
-        def __init__(self, dit):
-            self.dit = dit
-
-        def velocity(self, x, sigma, ctx, text_kv=None):
-            return self.dit(x, sigma * 1000.0, ctx, text_kv=text_kv)
-
     g = float(config.sample.guidance)
     noise = jax.random.normal(jax.random.key(0), (1, *lat), jnp.float32)
     ctx = jax.random.normal(jax.random.key(1), (1, L, dit_cfg.text_dim), jnp.float32)
@@ -177,7 +170,7 @@ def bench_sampler(sz, dtype, out, peak):
     sig = jnp.asarray(flow.flow_match_sigmas(steps, float(config.sample.shift)))
 
     def vel_of(st, c, nc):
-        model = _Model(nnx.merge(graphdef, st))
+        model = bm.DiTVelocity(nnx.merge(graphdef, st))
         kv = model.dit.text_kv(jnp.concatenate([c, nc]))  # once per sample, as the sampler does
         return lambda x, s: sampler._cfg_velocity(model, x, s, kv, jnp.float32(g), True)
 
