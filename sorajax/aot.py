@@ -378,7 +378,7 @@ def search(config, devices, topo, *, remats=("full", "dots"), max_candidates=6, 
 
     vae_cfg, dit_cfg, _ = video.model_configs(config)
     B, st, ss = int(config.dit_train.batch_size), vae_cfg.temporal_stride, vae_cfg.spatial_stride
-    lat = (1 + (int(config.data.frames) - 1) // st, int(config.data.height) // ss, int(config.data.width) // ss)
+    lat = (1 + (video.window_frames(config) - 1) // st, int(config.data.height) // ss, int(config.data.width) // ss)
     lat_tokens = dit_lib.num_tokens(dit_cfg, lat)
     per_slice = len(devices) // topo.num_slices
     meshes = candidate_meshes(per_slice, B // max(topo.num_slices, 1), dit_cfg.num_attention_heads, lat_tokens)

@@ -3,7 +3,8 @@
 Every file in configs/ starts from `get_config()` here and changes values; it never adds keys.
 `config_lib.load_config` checks that (an undeclared key is one `error:` line, exit 2), and
 `--config.KEY=VALUE` accepts exactly these keys. The defaults are the toy model of `make demo`
-(configs/toy.py), so the small case reads top to bottom without indirection.
+(configs/toy.py, which adds the conditioning masks), so the small case reads top to bottom
+without indirection.
 
 The model sections' `overrides` are the only free-form dicts: their keys are the fields of the
 model dataclasses (VAEConfig, DiTConfig, TextConfig in sorajax/models/), checked by
@@ -97,11 +98,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.dit_train = _stage_section(
         steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, weight_decay=0.01, ema_decay=0.999)
     c.dit_train.text_dropout = 0.1  # captions replaced by "" (the unconditional branch of CFG)
+    # >0: train on windows of N = 1 + 4k frames cut from each clip's latents at a random start
+    # (windows that start mid-clip teach extension and long rollouts: sorajax/modes.py); also
+    # the default sampling length. 0: whole clips
+    c.dit_train.clip_frames = 0
     c.dit_train.sample_at_end = True  # sample eval prompts into WORKDIR/samples + TensorBoard
     # >0: every N steps (and at the last) sample the world's validation prompts with the EMA
     # weights and log the world benchmark's metrics (eval/*) to metrics.jsonl and TensorBoard
     c.dit_train.eval_every = 0
     c.dit_train.eval_prompts = 24  # how many of the 24 validation prompts (the first N) it samples
+    # Conditioning masks (sorajax/conditioning.py): the chance that a clip's given latent frames
+    # are its first / first k / last k / first and last / random keyframes -- kept clean at noise
+    # level 0 and out of the loss -- so one model also does i2v, extension, connect and keyframes
+    # (python -m sorajax.sample --mode ...). The rest of the clips are plain text-to-video.
+    c.dit_train.cond_rates = ml_collections.ConfigDict(dict(
+        first=0.0, first_k=0.0, last_k=0.0, first_last=0.0, keyframes=0.0))
 
     # -- rectified flow (sorajax/flow.py).
     c.flow = ml_collections.ConfigDict()

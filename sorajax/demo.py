@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from sorajax import config_lib, evaluate, fileio, inference, train, video_io
+from sorajax import config_lib, evaluate, fileio, inference, mode_eval, modes, train, video_io
 
 
 def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> int:
@@ -38,6 +38,14 @@ def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> 
     for i in range(min(4, len(prompts))):
         paths.append(video_io.write(os.path.join(samples_dir, f"prompt{i:02d}.mp4"), frames[i:i + 1]))
 
+    # The generation modes (i2v, extend, connect, loop, long, v2v, keyframes) against the world's
+    # truth, with a contact sheet per mode (sorajax/mode_eval.py).
+    runner = modes.Runner(pipe, seed=0)
+    modes_report = mode_eval.run_modes(runner, sheets_dir=os.path.join(samples_dir, "modes"))
+    modes_report["info"].update(source="model", workdir=os.path.abspath(workdir))
+    modes_path = os.path.join(workdir, "modes.json")
+    fileio.write_json(modes_path, modes_report)
+
     m = report["metrics"]
     print("")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min (training {t_train / 60:.1f} min)")
@@ -47,5 +55,8 @@ def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> 
     print("  metrics:      " + ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
     v = report["vae"]
     print(f"  VAE:          PSNR {v['psnr']:.2f} dB (by frame {v['psnr_by_frame']}), SSIM {v['ssim']:.3f}")
+    print(f"  modes eval:   {os.path.abspath(modes_path)}  (contact sheets in {os.path.abspath(samples_dir)}/modes/)")
+    print("  modes:        " + ", ".join(f"{k}={v:.3f}" for k, v in modes_report["metrics"].items()
+                                       if v is not None and not k.endswith("_adherence")))
     print(f"  try:          python -m sorajax.sample --workdir {workdir} --prompt \"{prompts[0]}\" --out my.mp4")
     return 0

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from sorajax import cli, fileio, inference
+from sorajax import cli, fileio, inference, mode_eval, modes
 from sorajax.analysis import analyze_clip  # the analyzer (evaluate.analyze_clip for callers)
 from sorajax.data import world as world_lib
 from sorajax.errors import UserError
@@ -231,6 +231,14 @@ def parse_args(argv):
     p.add_argument("--frames", type=int, default=None, help="clip length (default 9 / model's)")
     p.add_argument("--height", type=int, default=None, help="height (default 32 / model's)")
     p.add_argument("--width", type=int, default=None, help="width (default 32 / model's)")
+    p.add_argument("--modes", help="instead of text-to-video: the generation-mode benchmark (sorajax/mode_eval.py), "
+                                   f"'all' or a comma list of {', '.join(mode_eval.MODE_SETS)}; the report's "
+                                   "metrics are i2v_psnr, extend_seam_continuity, connect_psnr, "
+                                   "loop_closure_ratio, long_drift_ratio, v2v_*, keyframes_psnr and "
+                                   "MODE_color/direction_adherence")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="--modes: the first N of the set's single-object prompts (default all: 28 test, 10 validation)")
+    p.add_argument("--sheets", help="--modes: write a contact sheet per mode (first 4 prompts) into this folder")
     p.add_argument("--batch-size", type=int, default=12,
                    help="prompts per sampler call (12: 4 calls of one compiled shape for the 48 "
                         "test prompts, 2 for the 24 validation prompts)")
@@ -245,7 +253,32 @@ def _main(argv) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {val}")
     if a.height is not None and a.height < 8 or a.width is not None and a.width < 8:
         raise UserError("--height and --width must be >= 8")
-    if a.ground_truth:
+    if a.modes is not None:
+        which = mode_eval.MODE_SETS if a.modes == "all" else tuple(x.strip() for x in a.modes.split(","))
+        bad = [x for x in which if x not in mode_eval.MODE_SETS]
+        if bad or not which:
+            raise UserError(f"--modes {a.modes!r}: unknown {bad}; use 'all' or a comma list of "
+                            f"{', '.join(mode_eval.MODE_SETS)}")
+        if a.ground_truth:
+            raise UserError("--modes samples a model's generation modes: give --workdir, not --ground-truth")
+    elif a.num_prompts is not None or a.sheets:
+        raise UserError("--num-prompts and --sheets are for --modes")
+    if a.num_prompts is not None and a.num_prompts < 1:
+        raise UserError(f"--num-prompts must be >= 1, got {a.num_prompts}")
+    if a.modes is not None:
+        if not os.path.isdir(a.workdir):
+            raise UserError(f"--workdir does not exist: {a.workdir}")
+        cli.check_writable_output(a.out, (".json",), "--out")
+        pipe = inference.load_pipeline(workdir=a.workdir)
+        runner = modes.Runner(pipe, seed=a.seed, frames=a.frames, height=a.height, width=a.width,
+                              steps=a.steps, guidance=a.guidance)
+        report = mode_eval.run_modes(runner, which, prompts=a.prompts, num_prompts=a.num_prompts,
+                                     seeds=a.seeds, sheets_dir=a.sheets)
+        report["info"].update(source="model", workdir=os.path.abspath(a.workdir),
+                              steps=a.steps or pipe.defaults["steps"],
+                              guidance=pipe.defaults["guidance"] if a.guidance is None else a.guidance)
+        fileio.write_json(a.out, report)
+    elif a.ground_truth:
         cli.check_writable_output(a.out, (".json",), "--out")
         cfg = world_lib.WorldConfig(frames=a.frames or 9, height=a.height or 32, width=a.width or 32)
         report = run_benchmark(ground_truth_generate(cfg), seed=a.seed, seeds=a.seeds,

@@ -40,12 +40,12 @@ class Pipeline:
         self.tokenizer, self.mesh = tokenizer, mesh
         self.vae_cfg, self.dit_cfg = vae_cfg, dit_cfg
         s = config.sample
-        self.defaults = dict(frames=int(config.data.frames), height=int(config.data.height),
+        self.defaults = dict(frames=video.window_frames(config), height=int(config.data.height),
                              width=int(config.data.width), steps=int(s.steps), guidance=float(s.guidance),
                              shift=float(s.shift), solver=str(s.solver),
                              negative_prompt=str(s.negative_prompt))
         self.max_length = int(config.text.max_length)
-        self._roundtrip = None  # reconstruct()'s compiled VAE round trip
+        self._encode = self._decode = None  # encode() / decode(): compiled on first use
 
     # -- shapes ------------------------------------------------------------------------------
     def latent_shape(self, frames, height, width):
@@ -73,7 +73,11 @@ class Pipeline:
 
     def generate(self, prompts, *, seed=0, steps=None, guidance=None, shift=None, solver=None,
                  negative_prompt=None, frames=None, height=None, width=None, noise=None,
-                 decode=True) -> dict:
+                 decode=True, cond_latents=None, cond_mask=None, init_latents=None,
+                 strength=1.0) -> dict:
+        """Samples one clip per prompt -> {"latents": (N, t, h, w, z), "frames": (N, T, H, W, 3)
+        in [0, 1] (with decode)}. `cond_latents` + `cond_mask` (N, t): given latent frames, kept
+        (sorajax/modes.py); `init_latents` + `strength`: video-to-video (SDEdit)."""
         prompts = list(prompts)
         for p in prompts:
             if not str(p).strip():
@@ -108,29 +112,50 @@ class Pipeline:
             if tuple(noise.shape) != shape:
                 raise UserError(f"--noise: shape {tuple(noise.shape)} does not match the latent shape {shape} "
                                 f"(N, t, h, w, z) for {n} prompt(s) at {frames}x{height}x{width}")
+        if cond_mask is not None:
+            if self.dit_cfg.patch_size[0] != 1:
+                raise UserError(f"conditioning frames need a DiT with temporal patch 1, this one has "
+                                f"{self.dit_cfg.patch_size[0]}")
+            cond_mask = np.asarray(cond_mask, bool)
+            if cond_mask.shape != shape[:2] or tuple(np.shape(cond_latents)) != shape:
+                raise ValueError(f"cond_mask {cond_mask.shape} / cond_latents {np.shape(cond_latents)} "
+                                 f"do not match the latent shape {shape}")
+        if init_latents is not None and tuple(np.shape(init_latents)) != shape:
+            raise ValueError(f"init_latents {np.shape(init_latents)} do not match the latent shape {shape}")
         ids, mask = self.encode_prompts(prompts)
         nids, nmask = self.encode_prompts([neg] * n)
         # The restored state already carries its mesh shardings; jit follows them.
         latents, out = sampler.sample(self.graphdef, self.state, noise, ids, mask, nids, nmask,
                                       steps=steps, shift=shift, guidance=guidance, solver=solver,
                                       decode=decode, mesh=self.mesh,
-                                      rules=self.config.sharding_rules)
+                                      rules=self.config.sharding_rules, cond_latents=cond_latents,
+                                      cond_mask=cond_mask, init_latents=init_latents,
+                                      strength=float(strength))
         res = {"latents": np.asarray(jax.device_get(latents))}
         if decode:
             res["frames"] = np.asarray(jax.device_get(out), np.float32)
         return res
 
+    def encode(self, frames) -> np.ndarray:
+        """Clips (N, T, H, W, 3) in [0, 1] -> the VAE's normalized latent means (N, t, h, w, z), as
+        the DiT sees them. One compiled program per shape."""
+        if self._encode is None:
+            self._encode = jax.jit(lambda st, x: nnx.merge(self.graphdef, st).encode_video(x * 2.0 - 1.0))
+        x = jnp.asarray(np.asarray(frames, np.float32))
+        return np.asarray(jax.device_get(self._encode(self.state, x)), np.float32)
+
+    def decode(self, latents) -> np.ndarray:
+        """Normalized latents (N, t, h, w, z) -> clips (N, T, H, W, 3) in [0, 1]."""
+        if self._decode is None:
+            self._decode = jax.jit(lambda st, z: jnp.clip(
+                (nnx.merge(self.graphdef, st).decode_latents(z) + 1.0) * 0.5, 0.0, 1.0))
+        z = jnp.asarray(np.asarray(latents, np.float32))
+        return np.asarray(jax.device_get(self._decode(self.state, z)), np.float32)
+
     def reconstruct(self, frames) -> np.ndarray:
         """The VAE round trip of clips (N, T, H, W, 3) in [0, 1]: encode (posterior mean), decode,
-        back in [0, 1]. One compiled program per shape."""
-        if self._roundtrip is None:
-            def roundtrip(state, x):
-                model = nnx.merge(self.graphdef, state)
-                y = model.decode_latents(model.encode_video(x * 2.0 - 1.0))
-                return jnp.clip((y + 1.0) * 0.5, 0.0, 1.0)
-            self._roundtrip = jax.jit(roundtrip)
-        x = jnp.asarray(np.asarray(frames, np.float32))
-        return np.asarray(jax.device_get(self._roundtrip(self.state, x)), np.float32)
+        back in [0, 1] (the programs of encode() and decode())."""
+        return self.decode(self.encode(frames))
 
 
 def load_model(run_dir: str, *, use_ema: bool = True, mesh_cfg=None, flag: str = "--checkpoint"):

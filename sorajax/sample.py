@@ -10,12 +10,24 @@ import sys
 
 import numpy as np
 
-from sorajax import cli, fileio, inference, sampler, video_io
+from sorajax import cli, fileio, inference, modes, sampler, video_io
 from sorajax.errors import UserError
 
-# Modes this sampler runs. The other Sora modes (i2v, extend, connect, loop, v2v, long) and
-# their flags (--image, --video, --video2, --strength, --seconds) come with masked training.
-MODES = ("t2v", "t2i")
+MODE_HELP = """generation mode (sorajax/modes.py):
+t2v = video from text; t2i = image from text (a 1-frame video);
+i2v = --image is the first frame; extend_forward / extend_backward = --seconds of new footage
+after / before --video; connect = a transition from --video to --video2; loop = a clip whose end
+leads into its start; keyframes = --keyframe FILE@SECONDS images at those times; v2v = --video
+re-generated under the prompt at --strength; long = --seconds of video, window after window"""
+# The flags each mode reads (any other mode given one of them is an error, not ignored).
+MODE_FLAGS = {"image": ("i2v",), "video": ("extend_forward", "extend_backward", "connect", "v2v"),
+              "video2": ("connect",), "seconds": ("extend_forward", "extend_backward", "long"),
+              "keyframe": ("keyframes",), "strength": ("v2v",)}
+REQUIRED = {"i2v": ("image",), "extend_forward": ("video", "seconds"), "extend_backward": ("video", "seconds"),
+            "connect": ("video", "video2"), "keyframes": ("keyframe",), "v2v": ("video",), "long": ("seconds",)}
+REQUIRED_HELP = {"image": "an image file: png/jpg/webp", "video": "a video file: mp4/gif/webm",
+                 "video2": "the second video file", "seconds": "a number of seconds",
+                 "keyframe": "FILE@SECONDS, repeatable"}
 
 
 def parse_args(argv):
@@ -39,8 +51,17 @@ def parse_args(argv):
     p.add_argument("--frames", type=int, help="frame count, 1 + 4k (default: the run's; not with --mode t2i)")
     p.add_argument("--height", type=int, help="height in pixels (default: the run's)")
     p.add_argument("--width", type=int, help="width in pixels (default: the run's)")
-    p.add_argument("--mode", choices=MODES, default="t2v",
-                   help="t2v = video from text; t2i = image from text (a 1-frame video)")
+    p.add_argument("--mode", choices=modes.MODES, default="t2v", help=MODE_HELP)
+    p.add_argument("--image", help="i2v: the first frame (png/jpg/webp), resized to cover and centre-cropped")
+    p.add_argument("--video", help="extend_*, connect, v2v: the input clip (mp4/gif/webm)")
+    p.add_argument("--video2", help="connect: the clip the transition leads into")
+    p.add_argument("--seconds", type=float,
+                   help="extend_*: seconds of new footage; long: the video's length (any, beyond the training length)")
+    p.add_argument("--keyframe", action="append", default=[],
+                   help="keyframes: FILE@SECONDS, an image at that time of the clip; repeatable")
+    p.add_argument("--strength", type=float, help="v2v: how much is re-generated, in (0, 1] (default 0.7)")
+    p.add_argument("--fps", type=float, default=8.0,
+                   help="frames per second of the output and of --seconds / --keyframe times (default 8)")
     p.add_argument("--noise", help="initial latent noise .npy, float32 (N, t, h, w, z) channels-last")
     p.add_argument("--save-latents", help="write the final latents (N, t, h, w, z) to this .npy")
     p.add_argument("--save-frames", help="write decoded frames float32 in [0, 1] (N, T, H, W, 3) to this .npy")
@@ -68,12 +89,39 @@ def _main(argv):
             noise = np.load(a.noise).astype(np.float32)
         except Exception as e:
             raise UserError(f"--noise {a.noise!r} cannot be read as .npy ({type(e).__name__})") from None
+    for flag, users in MODE_FLAGS.items():
+        if getattr(a, flag) not in (None, []) and a.mode not in users:
+            raise UserError(f"--{flag} is not read by --mode {a.mode} (it is for {', '.join(users)})")
+    if a.save_latents and a.mode in ("extend_backward", "connect"):
+        raise UserError(f"--save-latents: --mode {a.mode} joins generated frames and the input clip's own "
+                        "pixels; it has no one latent sequence to save (use --save-frames)")
+    for flag in REQUIRED.get(a.mode, ()):
+        if getattr(a, flag) in (None, []):
+            raise UserError(f"--mode {a.mode} needs --{flag} ({REQUIRED_HELP[flag]})")
+    for flag in ("image", "video", "video2"):
+        if getattr(a, flag) and not os.path.isfile(getattr(a, flag)):
+            raise UserError(f"--{flag} {getattr(a, flag)!r} does not exist")
+    if a.strength is not None and not 0.0 < a.strength <= 1.0:
+        raise UserError(f"--strength {a.strength:g}: must be in (0, 1] (how much of the video is re-generated)")
+    if a.seconds is not None and (not a.seconds > 0 or not np.isfinite(a.seconds)):
+        raise UserError(f"--seconds {a.seconds}: must be a number > 0")
+    if a.noise and a.mode not in ("t2v", "t2i"):
+        raise UserError(f"--noise is for --mode t2v / t2i, not {a.mode} (its windows draw their own noise from --seed)")
+    if not a.fps > 0 or not np.isfinite(a.fps):
+        raise UserError(f"--fps {a.fps}: must be a number > 0")
+    # Videos are read before JAX starts (imageio's ffmpeg runs in a subprocess).
+    videos = {k: video_io.read_video(getattr(a, k), "--" + k) if getattr(a, k) else None for k in ("video", "video2")}
     pipe = inference.load_pipeline(workdir=a.workdir, checkpoint=a.checkpoint, use_ema=not a.no_ema)
-    frames = 1 if a.mode == "t2i" else a.frames
-    out = pipe.generate(prompts, seed=a.seed, steps=a.steps, guidance=a.guidance, shift=a.shift,
-                        solver=a.solver, negative_prompt=a.negative_prompt, frames=frames,
-                        height=a.height, width=a.width, noise=noise)
-    video_io.write(a.out, out["frames"], prompts)
+    kw = dict(steps=a.steps, guidance=a.guidance, shift=a.shift, solver=a.solver, negative_prompt=a.negative_prompt)
+    if a.mode in ("t2v", "t2i"):
+        frames = 1 if a.mode == "t2i" else a.frames
+        out = pipe.generate(prompts, seed=a.seed, frames=frames, height=a.height, width=a.width, noise=noise, **kw)
+    else:
+        inp = modes.Inputs(image=a.image, video=videos["video"], video2=videos["video2"], seconds=a.seconds,
+                           keyframes=tuple(a.keyframe), strength=a.strength, fps=a.fps)
+        out = modes.Runner(pipe, seed=a.seed, frames=a.frames, height=a.height, width=a.width,
+                           **kw).run(a.mode, prompts, inp)
+    video_io.write(a.out, out["frames"], prompts, fps=max(1, round(a.fps)))
     if a.save_latents:
         fileio.save_npy(a.save_latents, out["latents"])
     if a.save_frames:

@@ -23,17 +23,33 @@ SOLVERS = ("euler", "heun", "unipc")
 TRACE_COUNT = {"sample": 0}
 
 
-def _cfg_velocity(model, x, sigma, text_kv, guidance, use_cfg: bool):
+def _cfg_velocity(model, x, sigma, text_kv, guidance, use_cfg: bool, cond=None):
     """Classifier-free guidance: v = v_neg + g (v_pos - v_neg), both in one batched call.
     `text_kv`: the DiT's cross-attention keys/values of the prompts (then, with CFG, of the
-    negative prompts), computed once per sample (VideoModel.text_kv)."""
+    negative prompts), computed once per sample (VideoModel.text_kv).
+
+    `cond` = (latents (B, t, h, w, z), frame mask (B, t) bool, tokens per latent frame): the
+    masked latent frames are conditioning: the model sees them clean, at noise level 0 (per-token
+    timesteps, as the DiT stage trains them with dit_train.cond_rates), and their velocity is 0,
+    so every solver keeps them exactly where they started."""
     b = x.shape[0]
+    if cond is None:
+        sig = jnp.full((b,), sigma, x.dtype)
+    else:
+        c_lat, c_mask, per_frame = cond
+        fm = c_mask[:, :, None, None, None]
+        x = jnp.where(fm, c_lat, x)
+        sig = jnp.where(jnp.repeat(c_mask, per_frame, axis=1), 0.0, sigma).astype(x.dtype)  # (B, N)
     if not use_cfg:
-        return model.velocity(x, jnp.full((b,), sigma, x.dtype), None, text_kv=text_kv)
-    xx = jnp.concatenate([x, x], axis=0)  # (2B, t, h, w, z)
-    v = model.velocity(xx, jnp.full((2 * b,), sigma, x.dtype), None, text_kv=text_kv)
-    v_pos, v_neg = v[:b], v[b:]
-    return v_neg + guidance * (v_pos - v_neg)
+        v = model.velocity(x, sig, None, text_kv=text_kv)
+    else:
+        xx = jnp.concatenate([x, x], axis=0)  # (2B, t, h, w, z)
+        v = model.velocity(xx, jnp.concatenate([sig, sig], axis=0), None, text_kv=text_kv)
+        v_pos, v_neg = v[:b], v[b:]
+        v = v_neg + guidance * (v_pos - v_neg)
+    if cond is not None:
+        v = jnp.where(fm, jnp.zeros_like(v), v)
+    return v
 
 
 def _euler(vel, x, sigmas):
@@ -180,15 +196,32 @@ def model_sigma_lookup(sigmas, model_sigmas):
     return lambda s: model_sigmas[jnp.argmin(jnp.abs(sigmas - s))]
 
 
+def tail_schedule(solver: str, steps: int, shift: float, strength: float):
+    """(sigmas, model_sigmas) of `steps` steps that start at a noise level <= `strength` (SDEdit,
+    video-to-video): the last steps + 1 levels of the solver's schedule over round(steps /
+    strength) steps, so the step count (and the compiled program) stays `steps`. strength 1 is
+    the full schedule."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength {strength} must be in (0, 1]")
+    total = max(int(steps), int(round(steps / strength)))
+    sig, msig = schedule(solver, total, shift)
+    while total > steps and sig[total - steps] > strength + 1e-6:  # rounding: start at or below it
+        total += 1
+        sig, msig = schedule(solver, total, shift)
+    return sig[total - steps:], msig[total - steps:]
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rules=None):
+def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rules=None,
+              conditioned: bool = False, from_latents: bool = False):
     def run(*args):
         if mesh is None:
             return _run(*args)
         with sharding.activation_rules(mesh, rules):  # sequence-sharded DiT / VAE activations
             return _run(*args)
 
-    def _run(state, noise, ids, mask, neg_ids, neg_mask, sigmas, model_sigmas, guidance):
+    def _run(state, noise, ids, mask, neg_ids, neg_mask, sigmas, model_sigmas, guidance, cond_latents,
+             cond_mask, init_latents):
         TRACE_COUNT["sample"] += 1
         model = nnx.merge(graphdef, state)
         ctx = model.encode_text(ids, mask)  # (B, L, D)
@@ -196,12 +229,21 @@ def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rul
             ctx = jnp.concatenate([ctx, model.encode_text(neg_ids, neg_mask)], axis=0)
         # The text's cross-attention keys/values, once per sample (not per denoising step).
         kv = model.text_kv(ctx)
-        if solver == "unipc":
-            t_of = model_sigma_lookup(sigmas, model_sigmas)
-            vel = lambda x, s: _cfg_velocity(model, x, t_of(s), kv, guidance, use_cfg)
-        else:
-            vel = lambda x, s: _cfg_velocity(model, x, s, kv, guidance, use_cfg)
-        latents = _SOLVER_FNS[solver](vel, noise, sigmas)  # (B, t, h, w, z)
+        x = noise
+        if from_latents:  # SDEdit: the given latents noised to the schedule's first level
+            x = (1.0 - sigmas[0]) * init_latents + sigmas[0] * noise
+        cond = None
+        if conditioned:
+            _, ph, pw = model.dit.cfg.patch_size  # temporal patch 1 (Pipeline checks it)
+            per_frame = (x.shape[2] // ph) * (x.shape[3] // pw)
+            cond_mask = cond_mask.astype(bool)
+            cond = (cond_latents.astype(x.dtype), cond_mask, per_frame)
+            x = jnp.where(cond_mask[:, :, None, None, None], cond[0], x)
+        t_of = model_sigma_lookup(sigmas, model_sigmas) if solver == "unipc" else (lambda s: s)
+        vel = lambda x, s: _cfg_velocity(model, x, t_of(s), kv, guidance, use_cfg, cond)
+        latents = _SOLVER_FNS[solver](vel, x, sigmas)  # (B, t, h, w, z)
+        if conditioned:  # exactly the given latents (UniPC's arithmetic keeps them to rounding)
+            latents = jnp.where(cond[1][:, :, None, None, None], cond[0], latents)
         if not decode:
             return latents, None
         frames = model.decode_latents(latents)  # (B, T, H, W, 3) in [-1, 1]
@@ -211,21 +253,36 @@ def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rul
 
 
 def sample(graphdef, state, noise, ids, mask, neg_ids, neg_mask, *, steps: int, shift: float,
-           guidance: float, solver: str = "euler", decode: bool = True, mesh=None, rules=None):
+           guidance: float, solver: str = "euler", decode: bool = True, mesh=None, rules=None,
+           cond_latents=None, cond_mask=None, init_latents=None, strength: float = 1.0):
     """Runs the compiled sampler. Returns (latents, frames in [0, 1] or None). With `mesh` (and
     the config's sharding `rules`), activations follow the rules: context-parallel attention and
     the row-sharded VAE when the mesh has a context axis.
 
     Guidance g: v = v_neg + g (v_pos - v_neg) with the negative prompt (neg_ids, neg_mask); g = 1
     (or None) is the conditional prediction alone (one model call, no negative prompt), g = 0 the
-    unconditional (negative-prompt) prediction."""
+    unconditional (negative-prompt) prediction.
+
+    Conditioning (image-to-video, extension, connect, keyframes, long rollouts): `cond_latents`
+    (B, t, h, w, z) and `cond_mask` (B, t) -- the masked latent frames are given and kept; the rest
+    is generated around them. One compiled program serves every mask of a shape.
+    Video-to-video (SDEdit): `init_latents` (B, t, h, w, z) noised to the first level of
+    tail_schedule(strength), then denoised in `steps` steps."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; known: {SOLVERS}")
-    sigmas, model_sigmas = schedule(solver, int(steps), float(shift))
+    if init_latents is not None:
+        sigmas, model_sigmas = tail_schedule(solver, int(steps), float(shift), float(strength))
+    else:
+        sigmas, model_sigmas = schedule(solver, int(steps), float(shift))
     g = 1.0 if guidance is None else float(guidance)
     use_cfg = g != 1.0
     if mesh is not None:
         rules = sharding.normalize_rules(rules)
-    fn = _compiled(graphdef, solver, use_cfg, decode, mesh, rules)
+    conditioned = cond_mask is not None
+    fn = _compiled(graphdef, solver, use_cfg, decode, mesh, rules, conditioned, init_latents is not None)
+    empty = jnp.zeros((), jnp.float32)
     return fn(state, noise, ids, mask, neg_ids, neg_mask, jnp.asarray(sigmas), jnp.asarray(model_sigmas),
-              jnp.float32(g))
+              jnp.float32(g), empty if cond_latents is None else jnp.asarray(cond_latents, jnp.float32),
+              empty if cond_mask is None else jnp.asarray(cond_mask, bool),
+              empty if init_latents is None else jnp.asarray(init_latents, jnp.float32))
+

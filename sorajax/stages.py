@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from sorajax import checkpoint as ckpt_lib
-from sorajax import config_base, evaluate, flops, flow, inference, latents, sharding, video_io
+from sorajax import conditioning, config_base, evaluate, flops, flow, inference, latents, sharding, video_io
 from sorajax import tokenizer as tok_lib
 from sorajax.data import builders
 from sorajax.errors import RunFailed, UserError
@@ -249,6 +249,18 @@ def load_tokenizer(path: str) -> tok_lib.Tokenizer:
         raise UserError(f"tokenizer {path!r} cannot be loaded: {e}") from None
 
 
+def conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, patch_size):
+    """The flow loss of clips (B, t, h, w, z) whose latent frames `fmask` (B, t) are given: those
+    are the model's input as they are (clean, per-token noise level 0), the others are noised to
+    `sigma` (B,); the velocity error is averaged over the generated frames only."""
+    _, ph, pw = patch_size
+    fm = fmask[:, :, None, None, None]
+    xt = jnp.where(fm, x0, flow.add_noise(x0, noise, sigma))
+    per_frame = (x0.shape[2] // ph) * (x0.shape[3] // pw)
+    v = model.velocity(xt, conditioning.token_sigmas(sigma, fmask, per_frame), ctx)
+    return flow.flow_loss(v, flow.velocity_target(x0, noise), (~fm).astype(jnp.float32))
+
+
 class DiTStage(Stage):
     name = "dit"
     data_seed_offset = 17
@@ -331,6 +343,7 @@ class DiTStage(Stage):
         else:
             x0 = jax.lax.stop_gradient(model.encode_video(batch["frames"]))  # (B, t, h, w, z)
         b = x0.shape[0]
+        x0 = self._window(x0, jax.random.fold_in(key, 2))
         ids, mask = batch["ids"], batch["mask"]  # (B, L)
         # Text dropout: the unconditional branch of classifier-free guidance sees "".
         drop = jax.random.bernoulli(k_drop, self.tcfg.text_dropout, (b, 1))
@@ -342,16 +355,34 @@ class DiTStage(Stage):
                                    shift=f.shift)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
         xt = flow.add_noise(x0, noise, sigma)
-        v = model.velocity(xt, sigma, ctx)
-        loss = flow.flow_loss(v, flow.velocity_target(x0, noise))
-        return loss, {}
+        if not conditioning.enabled(self.tcfg):
+            v = model.velocity(xt, sigma, ctx)
+            return flow.flow_loss(v, flow.velocity_target(x0, noise)), {}
+        # Conditioning masks (dit_train.cond_rates): the given latent frames stay clean at noise
+        # level 0 (per-token timesteps) and the loss covers only the generated frames.
+        fmask = conditioning.sample_masks(jax.random.fold_in(key, 1), b, x0.shape[1], conditioning.rates(self.tcfg))
+        loss = conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, self.cfgs[1].patch_size)
+        return loss, {"cond_frac": jnp.mean(fmask.astype(jnp.float32))}
+
+    def _window(self, x0, key):
+        """dit_train.clip_frames: each clip's latents (B, t, ...) cut to the window's latent frames
+        at a random start per clip (0 included: a window starting with the clip's one-frame
+        first latent, as text-to-video and i2v see it)."""
+        vae_cfg = self.cfgs[0]
+        w = 1 + (video.window_frames(self.config) - 1) // vae_cfg.temporal_stride
+        t = x0.shape[1]
+        if w >= t:
+            return x0
+        start = jax.random.randint(key, (x0.shape[0],), 0, t - w + 1)
+        return jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, w, axis=0))(x0, start)
 
     def step_flops(self):
-        """DiT forward + backward, the text encoder (backward too when trained), and the frozen
-        VAE's encode when latents are not precomputed (flops.dit_train_step_flops)."""
+        """DiT forward + backward on its window, the text encoder (backward too when trained),
+        and the frozen VAE's encode of whole clips when latents are not precomputed
+        (flops.dit_train_step_flops)."""
         vae_cfg, dit_cfg, text_cfg = self.cfgs
         d, b = self.config.data, int(self.tcfg.batch_size)
-        shape = latent_shape(vae_cfg, int(d.frames), int(d.height), int(d.width))[:3]  # (t, h, w)
+        shape = latent_shape(vae_cfg, video.window_frames(self.config), int(d.height), int(d.width))[:3]  # (t, h, w)
         total = flops.dit_train_step_flops(dit_cfg, text_cfg, b, shape, int(self.config.text.max_length),
                                            bool(self.config.text.trainable))
         if not self.config.vae.precompute_latents:

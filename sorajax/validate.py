@@ -10,7 +10,7 @@ import os
 import jax
 import numpy as np
 
-from sorajax import config_base, sampler, sharding
+from sorajax import conditioning, config_base, sampler, sharding
 from sorajax.data import world as world_lib
 from sorajax.errors import UserError
 from sorajax.models import dit as dit_lib
@@ -101,12 +101,12 @@ def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
     inj = t.inject_nonfinite_steps
     _need(isinstance(inj, (tuple, list)) and all(is_int(x) for x in inj),
           f"{name}.inject_nonfinite_steps", inj, "must be a tuple of step numbers (testing knob)")
+    n = t.clip_frames
+    _need(is_int(n) and n >= 0 and (n == 0 or ((n - 1) % rt == 0 and n <= d.frames)),
+          f"{name}.clip_frames", n, f"must be 0 (all frames) or 1 + {rt}k <= data.frames={d.frames}")
     if stage == "vae":
         for k in ("kl_weight", "fg_weight"):
             _need(is_num(t[k]) and t[k] >= 0, f"{name}.{k}", t[k], "must be a finite number >= 0")
-        n = t.clip_frames
-        _need(is_int(n) and n >= 0 and (n == 0 or ((n - 1) % rt == 0 and n <= d.frames)),
-              f"{name}.clip_frames", n, f"must be 0 (all frames) or 1 + {rt}k <= data.frames={d.frames}")
     else:
         _need(is_num(t.text_dropout) and 0 <= t.text_dropout <= 1, f"{name}.text_dropout",
               t.text_dropout, "must be in [0, 1]")
@@ -118,6 +118,15 @@ def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
         _need(not t.eval_every or d.source == "world", f"{name}.eval_every", t.eval_every,
               "in-training evaluation scores the synthetic world's prompts against its ground truth: "
               "it needs data.source='world' (set it to 0 for other data)")
+        for k in conditioning.KINDS:
+            _need(is_num(t.cond_rates[k]) and 0 <= t.cond_rates[k] <= 1, f"{name}.cond_rates.{k}",
+                  t.cond_rates[k], "must be in [0, 1]")
+        total = sum(conditioning.rates(t))
+        _need(total <= 1.0 + 1e-9, f"{name}.cond_rates", dict(t.cond_rates),
+              f"sum to {total:g}: at most 1 (the rest is plain text-to-video)")
+        pt = video.model_configs(config)[1].patch_size[0]
+        _need(total == 0 or pt == 1, f"{name}.cond_rates", dict(t.cond_rates),
+              f"conditioning masks give whole latent frames: they need a DiT temporal patch of 1, not {pt}")
 
 
 def validate(config, data: bool = True) -> None:
@@ -220,5 +229,5 @@ def validate_mesh(config, mesh) -> None:
     if "dit" in config.stages:
         vae_cfg, dit_cfg, _ = video.model_configs(config)
         d = config.data
-        check_context_split(vae_cfg, dit_cfg, d.frames, d.height, d.width, mesh, rules,
-                            "data.frames/height/width")
+        check_context_split(vae_cfg, dit_cfg, video.window_frames(config), d.height, d.width, mesh, rules,
+                            "dit_train.clip_frames (or data.frames)/data.height/data.width")

@@ -1,4 +1,5 @@
-"""Writing videos: .mp4 (imageio-ffmpeg), .gif (Pillow), .png contact sheets; reading images/videos.
+"""Writing videos: .mp4 (imageio-ffmpeg), .gif (Pillow), .png contact sheets; reading images and
+videos (resized to cover the model's size and centre-cropped) for the generation modes.
 
 All writers take frames as float in [0, 1] shaped (N, T, H, W, 3) (N clips side by side) or
 (T, H, W, 3), and write to a temporary name first, then rename: no half-written outputs.
@@ -102,40 +103,60 @@ def write(path: str, frames, prompts=None, fps: int = 8) -> str:
     return path
 
 
-def read_image(path: str, height: int, width: int):
-    """An image file -> float32 (H, W, 3) in [0, 1], resized. UserError if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC)
-    except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"image {path!r} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"image {path!r} cannot be read: {e}") from None
-    return np.asarray(img, np.float32) / 255.0
-
-
-def read_video(path: str, frames: int, height: int, width: int):
-    """A video file (.mp4/.gif/...) or .npy (T, H, W, 3) in [0, 1] -> float32 (T, H, W, 3)."""
+def _fit(img, height: int, width: int):
+    """A PIL image resized to cover (height, width) and centre-cropped to it -> float32 in [0, 1]."""
     from PIL import Image
 
-    if not os.path.exists(path):
-        raise UserError(f"video {path!r} does not exist")
-    try:
-        if path.endswith(".npy"):
-            arr = np.load(path).astype(np.float32)
-        else:
-            import imageio.v3 as iio
+    w0, h0 = img.size
+    scale = max(width / w0, height / h0)
+    nw, nh = max(width, round(w0 * scale)), max(height, round(h0 * scale))
+    img = img.convert("RGB").resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return np.asarray(img.crop((left, top, left + width, top + height)), np.float32) / 255.0
 
-            arr = iio.imread(path, index=None).astype(np.float32) / 255.0
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_EXTS = (".mp4", ".gif", ".webm")
+
+
+def read_image(path: str, height: int, width: int, flag: str = "--image"):
+    """A png/jpg/webp image -> float32 (H, W, 3) in [0, 1], resized to cover and centre-cropped.
+    UserError (naming `flag`) if it is missing or unreadable."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            return _fit(img, height, width)
     except Exception as e:
-        raise UserError(f"video {path!r} cannot be read: {type(e).__name__}") from None
-    if arr.ndim != 4 or arr.shape[-1] < 3:
-        raise UserError(f"video {path!r}: expected (T, H, W, 3) frames, got shape {arr.shape}")
-    arr = arr[..., :3]
-    idx = np.linspace(0, arr.shape[0] - 1, frames).round().astype(int)
-    out = []
-    for i in idx:
-        img = Image.fromarray((np.clip(arr[i], 0, 1) * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
-        out.append(np.asarray(img, np.float32) / 255.0)
-    return np.stack(out)
+        raise UserError(f"{flag} {path!r} cannot be read as an image ({type(e).__name__})") from None
+
+
+def read_video(path: str, flag: str = "--video") -> np.ndarray:
+    """An mp4/gif/webm video -> its frames, uint8 (T, H, W, 3) at the file's own size. UserError
+    (naming `flag`) if it is missing, unreadable or has no frames. (Read before JAX starts its
+    threads where possible: imageio runs ffmpeg in a subprocess.)"""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path!r} does not exist")
+    try:
+        import imageio.v3 as iio
+
+        arr = np.asarray(iio.imread(path, index=None))
+        if arr.ndim == 3:  # a single frame
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[0] == 0:
+            raise ValueError(f"shape {arr.shape}")
+    except Exception as e:
+        raise UserError(f"{flag} {path!r} cannot be read as a video ({type(e).__name__})") from None
+    if arr.shape[-1] < 3:
+        arr = np.repeat(arr[..., :1], 3, axis=-1)
+    return np.ascontiguousarray(arr[..., :3]).astype(np.uint8)
+
+
+def fit_video(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 frames (T, H, W, 3) -> float32 (T, height, width, 3) in [0, 1], each resized to cover
+    and centre-cropped."""
+    from PIL import Image
+
+    return np.stack([_fit(Image.fromarray(f), height, width) for f in frames])

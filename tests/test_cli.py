@@ -1,5 +1,6 @@
 """Commands end to end on a tiny trained run: sample (jitted, compiles once per shape), evaluate,
 and the bad-input contract (one line, exit code 2, no partial output)."""
+import dataclasses
 import json
 import os
 
@@ -156,24 +157,65 @@ BAD = [
     (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
       "--config.mesh.data=1", "--config.mesh.context=8", "--config.data.height=40"],
      "60 DiT tokens, which the 8 context-parallel devices cannot split"),
-    # Flags no mode uses are not offered; flags that contradict the mode are refused.
+    # Flags that contradict the mode are refused, never ignored.
     (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.png",
-      "--image", "{tmp}/x.png"], "unrecognized arguments: --image"),
+      "--image", "{inp}/a.png"], "--image is not read by --mode t2v"),
     (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.png",
       "--mode", "t2i", "--frames", "5"], "--frames 5 with --mode t2i"),
-    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.png",
-      "--mode", "i2v"], "invalid choice: 'i2v'"),
+    # The generation modes' inputs (sorajax/modes.py).
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.gif",
+      "--mode", "i2v"], "--mode i2v needs --image"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.gif",
+      "--mode", "i2v", "--image", "{inp}/notanimage.png"], "cannot be read as an image"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.gif",
+      "--mode", "v2v", "--video", "{inp}/bad.mp4"], "cannot be read as a video"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.gif",
+      "--mode", "extend_forward", "--video", "{inp}/one.gif", "--seconds", "1"],
+     "--video has 1 frame(s): at least 5 are needed"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.gif",
+      "--mode", "v2v", "--video", "{inp}/v.mp4", "--strength", "1.5"], "--strength 1.5: must be in (0, 1]"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.gif",
+      "--mode", "v2v", "--video", "{inp}/v.mp4", "--strength", "0"], "--strength 0: must be in (0, 1]"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.gif",
+      "--mode", "connect", "--video", "{inp}/v.mp4"], "--mode connect needs --video2"),
+    (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.gif",
+      "--mode", "keyframes", "--keyframe", "{inp}/a.png@5"], "past the last frame"),
 ]
 
 
+@pytest.fixture(scope="module")
+def mode_inputs(tmp_path_factory):
+    """Inputs for the generation modes: an image (not the model's size or aspect), a 9-frame mp4
+    and a 9-frame gif of a red square moving (the window's length, as the mode benchmark's
+    inputs: the two tests share compiled programs), a 1-frame gif, broken files."""
+    import imageio.v2 as iio
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    img = np.zeros((48, 64, 3), np.uint8)
+    img[16:30, 20:34] = (220, 40, 30)
+    img += rng.integers(0, 20, img.shape, np.uint8)
+    Image.fromarray(img).save(d / "a.png")
+    fr = np.zeros((9, 32, 32, 3), np.uint8)
+    for t in range(9):
+        fr[t, 12:20, 2 + 2 * t:10 + 2 * t] = (230, 30, 30)
+    iio.mimwrite(d / "v.mp4", fr, fps=8, macro_block_size=1)
+    iio.mimwrite(d / "v2.gif", fr[::-1])
+    iio.mimwrite(d / "one.gif", fr[:1])
+    (d / "bad.mp4").write_text("not a video")
+    (d / "notanimage.png").write_text("not an image")
+    return d
+
+
 @pytest.mark.parametrize("argv,words", BAD, ids=[f"{a[1]}-{w}" for a, w in BAD])
-def test_bad_input_one_line_exit_2_no_partial_output(run_dir, tmp_path, capfd, argv, words):
+def test_bad_input_one_line_exit_2_no_partial_output(run_dir, mode_inputs, tmp_path, capfd, argv, words):
     """In process (a subprocess costs ~4 s of imports each): `python -m sorajax.X ARGS` is
     `sys.exit(sorajax.X.main(ARGS))`, the same code path; an exception escaping main fails the
     test as a traceback would (tests/test_cli_fuzz.py runs the real subprocesses)."""
     import importlib
 
-    argv = [a.format(tmp=tmp_path, run=run_dir) for a in argv]
+    argv = [a.format(tmp=tmp_path, run=run_dir, inp=mode_inputs) for a in argv]
     before = set(os.listdir(tmp_path))
     main = importlib.import_module(argv[1]).main
     capfd.readouterr()
@@ -187,6 +229,67 @@ def test_bad_input_one_line_exit_2_no_partial_output(run_dir, tmp_path, capfd, a
     assert lines and lines[-1].startswith("error:") and words in lines[-1], err[-2000:]
     assert "Traceback" not in err
     assert set(os.listdir(tmp_path)) == before  # nothing half-written, no stray workdir
+
+
+@pytest.fixture(scope="module")
+def mode_runner(run_dir):
+    """One Pipeline + modes.Runner on the tiny run for the mode tests (its compiled encode and
+    decode programs shared between them)."""
+    from sorajax import inference, modes
+
+    return modes.Runner(inference.load_pipeline(workdir=str(run_dir)), seed=0, steps=2)
+
+
+def test_every_mode_keeps_its_given_frames(mode_runner, mode_inputs):
+    """Every generation mode on the tiny run (trained with conditioning masks): output lengths,
+    and the decoded given region equals the VAE round trip of the input (the causal decoder makes
+    a clip's frames independent of what follows them). One sampler program serves every mode
+    with given frames."""
+    from sorajax import modes, sampler, video_io
+
+    run, pipe = mode_runner, mode_runner.pipe
+    inp = modes.Inputs(image=str(mode_inputs / "a.png"), video=str(mode_inputs / "v.mp4"),
+                       video2=str(mode_inputs / "v2.gif"), fps=8.0)
+    img = video_io.read_image(inp.image, 32, 32)
+    vid = video_io.fit_video(video_io.read_video(inp.video), 32, 32)  # 9 frames
+    vid2 = video_io.fit_video(video_io.read_video(inp.video2), 32, 32)  # 9 frames
+    rt_img = pipe.reconstruct(img[None, None])[0, 0]
+    rt1, rt2 = pipe.reconstruct(vid[None])[0], pipe.reconstruct(vid2[None])[0]
+    close = lambda a, b: np.testing.assert_allclose(a, b, atol=2e-3)
+    prompt = ["a large red square moves right on a black background"]
+    before = sampler.TRACE_COUNT["sample"]
+
+    out = run.run("i2v", prompt, inp)
+    assert out["frames"].shape == (1, 9, 32, 32, 3) and out["given"].tolist() == [True] + [False] * 8
+    close(out["frames"][0, 0], rt_img)
+    kf = run.run("keyframes", prompt, modes.Inputs(keyframes=(f"{inp.image}@0", f"{inp.image}@0.5"), fps=8.0))
+    close(kf["frames"][0, 0], rt_img)
+    assert np.flatnonzero(kf["given"]).tolist() == [0, 4]  # 0.5 s = frame 4 -> latent 1 (frames 1-4)
+
+    fwd = run.run("extend_forward", prompt, dataclasses.replace(inp, seconds=1.0))  # 8 frames = 2 latents
+    assert fwd["frames"].shape[1] == 9 + 8 and fwd["given"][:9].all() and not fwd["given"][9:].any()
+    close(fwd["frames"][0, :9], rt1)
+    # A clip after generated footage is given from its second latent frame: the generated
+    # latent before it covers its frame 0, and its frames 1.. are its own round trip.
+    bwd = run.run("extend_backward", prompt, dataclasses.replace(inp, seconds=1.0))
+    assert bwd["frames"].shape[1] == 5 + 8 and bwd["given"].tolist() == [False] * 5 + [True] * 8
+    close(bwd["frames"][0, 5:], rt1[1:])
+    con = run.run("connect", prompt, inp)  # 9 frames, 1 generated latent frame, 9 - 1 frames
+    assert con["frames"].shape[1] == 9 + 4 + 8
+    close(con["frames"][0, :9], rt1)
+    close(con["frames"][0, 13:], rt2[1:])
+    assert sampler.TRACE_COUNT["sample"] - before == 1  # every given-frame window: one program
+
+    loop = run.run("loop", prompt, inp)
+    assert loop["frames"].shape[1] == 8 + 4  # the clip from frame 1, then 1 latent frame leading back
+    long = run.run("long", prompt, dataclasses.replace(inp, seconds=4.5))  # 36 frames: 9 latents
+    assert long["frames"].shape[1] == 33 and long["latents"].shape[1] == 9
+    assert np.isfinite(long["frames"]).all()
+    near = run.run("v2v", prompt, dataclasses.replace(inp, strength=0.02))
+    far = run.run("v2v", prompt, dataclasses.replace(inp, strength=1.0))
+    d_near, d_far = (float(np.abs(o["frames"][0] - rt1).mean()) for o in (near, far))
+    assert near["frames"].shape[1] == 9 and d_near < 0.02 and d_far > 2 * d_near, (d_near, d_far)
+    assert run.run("t2i", prompt, inp)["frames"].shape == (1, 1, 32, 32, 3)
 
 
 def test_sampler_refuses_a_context_split_it_cannot_make(run_dir):
@@ -222,3 +325,24 @@ def test_commands_turn_the_persistent_compilation_cache_on(monkeypatch, tmp_path
         assert cli.use_compilation_cache({}) == str(tmp_path / "mine")  # the user's choice stands
     finally:
         jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+
+
+def test_mode_benchmark_reports_every_mode(mode_runner, run_dir, tmp_path):
+    """The mode benchmark on the tiny run (1 prompt, the shapes of the test above): every named figure is there and in range,
+    with a contact sheet per mode; `evaluate --modes` writes it (one mode, to keep it short)."""
+    from sorajax import evaluate, mode_eval
+
+    rep = mode_eval.run_modes(mode_runner, num_prompts=1, sheets_dir=str(tmp_path / "sheets"))
+    m = rep["metrics"]
+    for k in ("i2v_psnr", "connect_psnr", "keyframes_psnr", "v2v_structure_psnr"):
+        assert 3 < m[k] < 100, (k, m[k])
+    for k in ("extend_seam_continuity", "connect_continuity", "v2v_prompt_adherence",
+              "long_first_quarter_adherence", "i2v_color_adherence", "loop_direction_adherence"):
+        assert 0 <= m[k] <= 1, (k, m[k])
+    assert m["loop_closure_ratio"] > 0 and (m["long_drift_ratio"] is None or m["long_drift_ratio"] >= 0)
+    assert sorted(os.listdir(tmp_path / "sheets")) == sorted(
+        f"{n}.png" for n in ("i2v", "extend_forward", "extend_backward", "connect", "loop", "long", "v2v", "keyframes"))
+    out = tmp_path / "m.json"
+    assert evaluate.main(["--workdir", str(run_dir), "--modes", "i2v", "--out", str(out), "--steps", "2",
+                          "--num-prompts", "1"]) == 0
+    assert set(json.load(open(out))["metrics"]) == {"i2v_psnr", "i2v_color_adherence", "i2v_direction_adherence"}

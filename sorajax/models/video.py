@@ -92,6 +92,12 @@ class VideoModel(nnx.Module):
         return self.vae.decode(self.vae.denormalize(latents))
 
 
+def window_frames(config) -> int:
+    """Frames of the DiT's window: what it trains on (dit_train.clip_frames, cropped from each
+    clip at a random start) and the default sampling length; all of data.frames when 0."""
+    return int(config.dit_train.clip_frames) or int(config.data.frames)
+
+
 def build_abstract(config, vocab_size=None):
     vae_cfg, dit_cfg, text_cfg = model_configs(config, vocab_size)
     return nnx.eval_shape(lambda: VideoModel(vae_cfg, dit_cfg, text_cfg, rngs=nnx.Rngs(0)))

@@ -1,0 +1,177 @@
+"""Conditioning for the generation modes: the training masks (sorajax/conditioning.py), the
+masked flow loss (stages.conditioned_flow_loss) and the sampler's given frames and SDEdit start
+(sorajax/sampler.py). The modes end to end on a trained run: tests/test_cli.py."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sorajax import conditioning, flow, sampler, stages
+from tests.helpers import toy_config
+
+
+def test_each_mask_kind_gives_its_frames():
+    t, key = 5, jax.random.key(0)
+    want = {"first": [1, 0, 0, 0, 0], "first_last": [1, 0, 0, 0, 1]}
+    for i, kind in enumerate(conditioning.KINDS):
+        rates = tuple(1.0 if j == i else 0.0 for j in range(len(conditioning.KINDS)))
+        m = np.asarray(conditioning.sample_masks(key, 256, t, rates))
+        assert not m.all(axis=1).any()  # something is always generated
+        if kind in want:
+            assert (m == np.asarray(want[kind], bool)).all(), kind
+        elif kind == "first_k":  # a prefix of length 1..t-1, each length seen
+            k = m.sum(1)
+            assert all((m[j, :k[j]]).all() and not m[j, k[j]:].any() for j in range(256))
+            assert set(k) == set(range(1, t))
+        elif kind == "last_k":
+            k = m.sum(1)
+            assert all((m[j, t - k[j]:]).all() and not m[j, :t - k[j]].any() for j in range(256))
+            assert set(k) == set(range(1, t))
+        else:  # keyframes: independent frames at KEYFRAME_RATE
+            assert abs(m.mean() - conditioning.KEYFRAME_RATE) < 0.05
+    # Mixed rates: each kind at its rate ("none" the rest); a 1-frame clip (an image) never given.
+    m = np.asarray(conditioning.sample_masks(key, 4000, t, (0.3, 0, 0, 0, 0)))
+    assert abs(m[:, 0].mean() - 0.3) < 0.03 and not m[:, 1:].any()
+    assert not np.asarray(conditioning.sample_masks(key, 64, 1, (0.5, 0.5, 0, 0, 0))).any()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny DiT + text encoder (no VAE: the latent-space tests never decode)."""
+    from sorajax.models import dit as dit_lib
+    from sorajax.models import text as text_lib
+    from sorajax.models import video
+
+    cfg = toy_config()
+    with cfg.unlocked():
+        cfg.dit.overrides = dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, freq_dim=16)
+        cfg.text.overrides = dict(num_layers=1, d_model=32, d_kv=8, num_heads=4, d_ff=64)
+    _, dit_cfg, text_cfg = video.model_configs(cfg, vocab_size=64)
+
+    class NoVAE(video.VideoModel):
+        def __init__(self, *, rngs):
+            self.dit = dit_lib.WanDiT(dit_cfg, rngs=rngs)
+            self.text = text_lib.UMT5Encoder(text_cfg, rngs=rngs)
+
+    graphdef, state = nnx.split(NoVAE(rngs=nnx.Rngs(0)))
+    leaves, tree = jax.tree.flatten(state)  # zero-initialised heads would hide everything
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    state = jax.tree.unflatten(tree, [p + 0.2 * jax.random.normal(k, p.shape, p.dtype)
+                                      if jnp.issubdtype(p.dtype, jnp.floating) else p
+                                      for p, k in zip(leaves, keys)])
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(2, 64, (2, 6)), jnp.int32)
+    mask = jnp.ones((2, 6), jnp.int32)
+    return graphdef, state, dit_cfg, ids, mask
+
+
+def test_masked_loss_ignores_the_noise_of_given_frames(tiny):
+    """Given frames enter the model clean and leave the loss: d loss / d noise is exactly 0 on
+    them and not on the generated frames. With no frame given it is the plain flow loss."""
+    graphdef, state, dit_cfg, ids, mask = tiny
+    rng = np.random.default_rng(1)
+    x0 = jnp.asarray(rng.standard_normal((2, 3, 4, 4, dit_cfg.in_channels)), jnp.float32)
+    noise = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+    sigma = jnp.asarray([0.3, 0.8], jnp.float32)
+    fmask = jnp.asarray([[True, False, False], [False, True, True]])
+
+    def loss(nz, fm):
+        model = nnx.merge(graphdef, state)
+        ctx = model.encode_text(ids, mask)
+        return stages.conditioned_flow_loss(model, x0, nz, sigma, fm, ctx, dit_cfg.patch_size)
+
+    g = np.asarray(jax.grad(loss)(noise, fmask))
+    per_frame = np.abs(g).reshape(2, 3, -1).max(-1)
+    assert (per_frame[np.asarray(fmask)] == 0).all()
+    assert (per_frame[~np.asarray(fmask)] > 1e-6).all()
+
+    model = nnx.merge(graphdef, state)
+    ctx = model.encode_text(ids, mask)
+    plain = flow.flow_loss(model.velocity(flow.add_noise(x0, noise, sigma), sigma, ctx),
+                           flow.velocity_target(x0, noise))
+    np.testing.assert_allclose(float(loss(noise, jnp.zeros((2, 3), bool))), float(plain), rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver", sampler.SOLVERS)
+def test_sampler_keeps_given_frames_one_program_for_every_mask(tiny, solver):
+    graphdef, state, dit_cfg, ids, mask = tiny
+    rng = np.random.default_rng(2)
+    shape = (2, 3, 4, 4, dit_cfg.in_channels)
+    noise = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    cond = rng.standard_normal(shape).astype(np.float32)
+    kw = dict(steps=4, shift=2.0, guidance=2.0, solver=solver, decode=False)
+    free, _ = sampler.sample(graphdef, state, noise, ids, mask, ids, mask, **kw)
+    before = sampler.TRACE_COUNT["sample"]
+    outs = []
+    for m in ([[1, 0, 0], [1, 0, 0]], [[0, 0, 1], [1, 0, 1]], [[0, 0, 0], [0, 1, 1]]):
+        m = np.asarray(m, bool)
+        lat, _ = sampler.sample(graphdef, state, noise, ids, mask, ids, mask, cond_latents=cond, cond_mask=m, **kw)
+        lat = np.asarray(lat)
+        np.testing.assert_array_equal(lat[m], cond[m])  # given frames kept exactly
+        outs.append(lat)
+    assert sampler.TRACE_COUNT["sample"] - before == 1  # masks are data: one compile
+    # The given frames condition the rest: clip 0's generated frames differ from a free sample.
+    assert np.abs(outs[0][0, 1:] - np.asarray(free)[0, 1:]).max() > 1e-3
+    # No frame given (clip 0 of the last mask) at per-token noise levels = the free sample.
+    np.testing.assert_allclose(outs[2][0], np.asarray(free)[0], atol=1e-4)
+
+
+def test_sdedit_starts_at_the_strength():
+    for solver in sampler.SOLVERS:
+        for s in (0.3, 0.7, 1.0):
+            sig, msig = sampler.tail_schedule(solver, 10, 3.0, s)
+            full, _ = sampler.schedule(solver, 10, 3.0)
+            assert len(sig) == len(msig) == 11 and sig[-1] == 0
+            assert sig[0] <= s + 1e-6 and (s == 1.0 or sig[0] > s - 0.15), (solver, s, sig[0])
+            if s == 1.0:
+                np.testing.assert_array_equal(sig, full)
+    with pytest.raises(ValueError):
+        sampler.tail_schedule("euler", 10, 1.0, 0.0)
+
+
+def test_sdedit_low_strength_stays_near_the_video(tiny):
+    graphdef, state, dit_cfg, ids, mask = tiny
+    rng = np.random.default_rng(3)
+    shape = (2, 3, 4, 4, dit_cfg.in_channels)
+    init = rng.standard_normal(shape).astype(np.float32)
+    noise = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kw = dict(steps=4, shift=1.0, guidance=1.0, solver="euler", decode=False, init_latents=init)
+    dist = [float(np.abs(np.asarray(sampler.sample(graphdef, state, noise, ids, mask, ids, mask,
+                                                   strength=s, **kw)[0]) - init).mean()) for s in (0.05, 0.5, 1.0)]
+    assert dist[0] < 0.1 < dist[1] < dist[2], dist
+
+
+def test_given_frames_are_seen_clean_at_noise_level_zero(tiny):
+    """One Euler step from sigma 1 to 0 is x - v(x): the velocity of the generated frames must be
+    the model's at the given frames' clean latents with their tokens at timestep 0."""
+    graphdef, state, dit_cfg, ids, mask = tiny
+    rng = np.random.default_rng(4)
+    shape = (2, 3, 4, 4, dit_cfg.in_channels)
+    noise = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    cond = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    m = jnp.asarray([[True, False, False], [False, False, True]])
+    lat, _ = sampler.sample(graphdef, state, noise, ids, mask, ids, mask, steps=1, shift=1.0, guidance=1.0,
+                            solver="euler", decode=False, cond_latents=cond, cond_mask=m)
+    model = nnx.merge(graphdef, state)
+    x = jnp.where(m[:, :, None, None, None], cond, noise)
+    tok_sigma = conditioning.token_sigmas(jnp.ones((2,)), m, 4)  # 2x2 tokens per frame
+    v = model.velocity(x, tok_sigma, model.encode_text(ids, mask))
+    gen = ~np.asarray(m)
+    np.testing.assert_allclose(np.asarray(lat)[gen], np.asarray(noise - v)[gen], atol=1e-5)
+    v_all_noisy = model.velocity(x, jnp.ones((2,)), model.encode_text(ids, mask))
+    assert np.abs(np.asarray(noise - v_all_noisy)[gen] - np.asarray(lat)[gen]).max() > 1e-3
+
+
+def test_seam_continuity_passes_the_truth_and_catches_breaks():
+    """mode_eval.seam_continuous on the world's own 17-frame clips split at frame 9: the truth
+    continues; the second part reversed in time, or taken from another prompt's clip, does not."""
+    from sorajax import mode_eval
+
+    ps = mode_eval.mode_prompts("test")
+    gt = mode_eval._truth(ps, 17, 32, 32)
+    other = np.roll(gt, 1, axis=0)
+    cont = lambda a, b: np.mean([mode_eval.seam_continuous(x, y, p.spec) for x, y, p in zip(a, b, ps)])
+    assert cont(gt[:, :9], gt[:, 9:]) == 1.0
+    assert cont(gt[:, :9], gt[:, 9:][:, ::-1]) == 0.0
+    assert cont(gt[:, :9], other[:, 9:]) == 0.0
