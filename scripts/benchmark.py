@@ -49,7 +49,7 @@ FULL = dict(
              latent=(4, 32, 32), text_len=64, batch=1, unrolled_variant=True),
     # None: the config's dit_train.batch_size / layers (what `make demo` trains).
     toy=dict(batch=None, layers=None),
-    sampler=dict(batch=4, steps=None, layers=None),  # steps None: the config's sample.steps
+    sampler=dict(batch=4, steps=None, layers=None, step_cache=0.2),  # steps None: the config's sample.steps
     # The DiT-S loop with the text K/V once per sample vs per step: Wan's 512-token prompts.
     text_kv=dict(text_len=512, steps=10, latent=(4, 16, 32)),
     # Wan 2.1's VAE (4x8x8, z 16, 2 res blocks, 4 levels) at base_dim 32 instead of 96.
@@ -61,7 +61,7 @@ QUICK = dict(
     dit=dict(heads=2, head_dim=16, layers=1, ffn=64, text_dim=32, channels=4,
              latent=(2, 8, 8), text_len=8, batch=1, unrolled_variant=False),
     toy=dict(batch=2, layers=1),
-    sampler=dict(batch=1, steps=2, layers=1),
+    sampler=dict(batch=1, steps=2, layers=1, step_cache=0.2),
     text_kv=dict(text_len=16, steps=2, latent=(2, 8, 8)),
     vae=dict(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
              temporal_downsample=(False, True, True), frames=5, height=16, width=16),
@@ -69,8 +69,10 @@ QUICK = dict(
 # key -> () -> median seconds: the jax timings the diffusers comparison uses, timed again right
 # after torch_bench.py so that each ratio brackets the torch run in time (load drifts).
 RETIME: dict = {}
-STEP_CACHE_NOTE = ("sorajax.sampler has no step cache (TeaCache/MagCache-style reuse of model "
-                   "outputs between steps) yet: nothing to measure")
+STEP_CACHE_NOTE = ("the same loop with the step cache at sample.step_cache = step_cache_threshold "
+                   "on the benchmark's random-weight toy model: the speed-up follows the share of "
+                   "model calls that ran the blocks (step_cache_block_run_fraction); its cost on "
+                   "the world metrics of a trained model is in docs/PERFORMANCE.md")
 
 
 # ==============================================================================================
@@ -341,6 +343,7 @@ def bench_toy(spec, repeats, ceiling, out):
 
     from sorajax import flops, sharding, stages
     from sorajax.models import vae as vae_lib
+    from sorajax.models import video
     from sorajax.train_state import Trainer
 
     config = _toy_config(spec["layers"])
@@ -349,7 +352,8 @@ def bench_toy(spec, repeats, ceiling, out):
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     stage = stages.DiTStage(config, "/nonexistent", _StubTokenizer(config.text.vocab_size))
     vae_cfg, dit_cfg, text_cfg = stage.cfgs
-    lat = vae_lib.latent_shape(vae_cfg, config.data.frames, config.data.height, config.data.width)
+    # The DiT's window (dit_train.clip_frames), as the step sees it after cropping the clip.
+    lat = vae_lib.latent_shape(vae_cfg, video.window_frames(config), config.data.height, config.data.width)
     rng = np.random.default_rng(0)
     batch = {"latents": jnp.asarray(rng.standard_normal((B, *lat)), jnp.float32),
              "ids": jnp.asarray(rng.integers(2, text_cfg.vocab_size, (B, L)), jnp.int32),
@@ -381,7 +385,7 @@ def bench_sampler(spec, repeats, out):
     steps, B, L = int(spec["steps"] or s.steps), int(spec["batch"]), int(config.text.max_length)
     cfgs = video.model_configs(config, vocab_size=config.text.vocab_size)
     graphdef, state = random_model(lambda: video.VideoModel(*cfgs, rngs=nnx.Rngs(0)))
-    lat = vae_lib.latent_shape(cfgs[0], config.data.frames, config.data.height, config.data.width)
+    lat = vae_lib.latent_shape(cfgs[0], video.window_frames(config), config.data.height, config.data.width)
     noise = jax.random.normal(jax.random.key(1), (B, *lat), jnp.float32)
     ids = jax.random.randint(jax.random.key(2), (B, L), 2, cfgs[2].vocab_size, jnp.int32)
     mask = jnp.ones((B, L), jnp.int32)
@@ -417,8 +421,16 @@ def bench_sampler(spec, repeats, out):
                sampler_compile_s=max(t_first - t_loop, 0.0),
                # The loop minus the once-per-generation prompt encoding, against steps model calls.
                sampler_loop_overhead=(t_loop - t_text) / (steps * t_call) - 1.0,
-               sampler_loop_overhead_incl_text=t_loop / (steps * t_call) - 1.0,
-               step_cache_speedup=None, step_cache_note=STEP_CACHE_NOTE)
+               sampler_loop_overhead_incl_text=t_loop / (steps * t_call) - 1.0)
+
+    thr = float(spec["step_cache"])
+    full = sampler.sample(graphdef, state, noise, ids, mask, nids, nmask, **kw)[0]
+    cached = lambda: sampler.sample(graphdef, state, noise, ids, mask, nids, nmask, step_cache=thr, stats=True, **kw)
+    lat_c, _, st = cached()
+    t_cache, _ = median_time(lambda: jax.block_until_ready(cached()[0]), repeats)
+    out.update(step_cache_threshold=thr, step_cache_loop_s=t_cache, step_cache_speedup=t_loop / t_cache,
+               step_cache_block_run_fraction=st["block_runs"] / st["model_calls"],
+               step_cache_max_abs_diff=float(jnp.abs(lat_c - full).max()), step_cache_note=STEP_CACHE_NOTE)
 
 
 class DiTVelocity:
@@ -428,8 +440,8 @@ class DiTVelocity:
     def __init__(self, dit):
         self.dit = dit
 
-    def velocity(self, x, sigma, ctx, text_kv=None):
-        return self.dit(x, sigma * 1000.0, ctx, text_kv=text_kv)
+    def velocity(self, x, sigma, ctx, text_kv=None, start=None):
+        return self.dit(x, sigma * 1000.0, ctx, text_kv=text_kv, start=start)
 
 
 def bench_text_kv(dit_spec, spec, repeats, out):

@@ -101,13 +101,19 @@ def ground_truth_generate(cfg: world_lib.WorldConfig) -> Generate:
 
 
 def model_generate(pipe, *, steps=None, guidance=None, frames=None, height=None,
-                   width=None) -> Generate:
-    """A `Generate` over a sampling `inference.Pipeline` (its defaults unless given)."""
-    size = {k: v for k, v in (("frames", frames), ("height", height), ("width", width)) if v is not None}
+                   width=None, step_cache=None) -> Generate:
+    """A `Generate` over a sampling `inference.Pipeline` (its defaults unless given). Its
+    `stats` attribute counts model calls and, with the step cache, those that ran the blocks."""
+    size = {k: v for k, v in (("frames", frames), ("height", height), ("width", width),
+                              ("step_cache", step_cache)) if v is not None}
 
     def generate(captions, seed):
         out = pipe.generate(list(captions), seed=seed, steps=steps, guidance=guidance, **size)
+        generate.stats["model_calls"] += out.get("model_calls", 0)
+        if out.get("block_runs") is not None:
+            generate.stats["block_runs"] += out["block_runs"]
         return np.asarray(out["frames"], np.float32)
+    generate.stats = {"model_calls": 0, "block_runs": 0}
     return generate
 
 
@@ -192,13 +198,18 @@ def vae_reconstruction(pipe, *, prompts: str = "test", batch_size: int = 12) -> 
 def evaluate_workdir(workdir: str, out: str, **kw) -> dict[str, Any]:
     """Samples the benchmark from a trained run (its EMA weights) and writes the report."""
     cli.check_writable_output(out, (".json",), "--out")
-    gen_kw = {k: kw.pop(k) for k in ("steps", "guidance", "frames", "height", "width") if k in kw}
+    gen_kw = {k: kw.pop(k) for k in ("steps", "guidance", "frames", "height", "width", "step_cache") if k in kw}
     pipe = inference.load_pipeline(workdir=workdir)
     d = pipe.defaults
+    cache = d["step_cache"] if gen_kw.get("step_cache") is None else gen_kw["step_cache"]
     info = dict(source="model", workdir=os.path.abspath(workdir),
                 steps=gen_kw.get("steps") or d["steps"],
-                guidance=d["guidance"] if gen_kw.get("guidance") is None else gen_kw["guidance"])
-    report = run_benchmark(model_generate(pipe, **gen_kw), info=info, **kw)
+                guidance=d["guidance"] if gen_kw.get("guidance") is None else gen_kw["guidance"],
+                step_cache=cache)
+    generate = model_generate(pipe, **gen_kw)
+    report = run_benchmark(generate, info=info, **kw)
+    if cache > 0:  # the share of model calls that ran the DiT blocks
+        report["info"]["block_run_fraction"] = generate.stats["block_runs"] / max(generate.stats["model_calls"], 1)
     report["vae"] = vae_reconstruction(pipe, prompts=kw.get("prompts", "test"))
     fileio.write_json(out, report)
     return report
@@ -228,6 +239,8 @@ def parse_args(argv):
                         "for choosing sampling settings); disjoint seeds")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (model default)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (model default)")
+    p.add_argument("--step-cache", type=float, default=None,
+                   help="step cache threshold (0 = off; model default: config sample.step_cache)")
     p.add_argument("--frames", type=int, default=None, help="clip length (default 9 / model's)")
     p.add_argument("--height", type=int, default=None, help="height (default 32 / model's)")
     p.add_argument("--width", type=int, default=None, help="width (default 32 / model's)")
@@ -261,6 +274,8 @@ def _main(argv) -> int:
                             f"{', '.join(mode_eval.MODE_SETS)}")
         if a.ground_truth:
             raise UserError("--modes samples a model's generation modes: give --workdir, not --ground-truth")
+    elif a.ground_truth and a.step_cache is not None:
+        raise UserError("--step-cache samples a model: give --workdir, not --ground-truth")
     elif a.num_prompts is not None or a.sheets:
         raise UserError("--num-prompts and --sheets are for --modes")
     if a.num_prompts is not None and a.num_prompts < 1:
@@ -271,7 +286,7 @@ def _main(argv) -> int:
         cli.check_writable_output(a.out, (".json",), "--out")
         pipe = inference.load_pipeline(workdir=a.workdir)
         runner = modes.Runner(pipe, seed=a.seed, frames=a.frames, height=a.height, width=a.width,
-                              steps=a.steps, guidance=a.guidance)
+                              steps=a.steps, guidance=a.guidance, step_cache=a.step_cache)
         report = mode_eval.run_modes(runner, which, prompts=a.prompts, num_prompts=a.num_prompts,
                                      seeds=a.seeds, sheets_dir=a.sheets)
         report["info"].update(source="model", workdir=os.path.abspath(a.workdir),
@@ -290,7 +305,7 @@ def _main(argv) -> int:
         report = evaluate_workdir(a.workdir, a.out, seed=a.seed, seeds=a.seeds, prompts=a.prompts,
                                   batch_size=a.batch_size,
                                   steps=a.steps, guidance=a.guidance, frames=a.frames,
-                                  height=a.height, width=a.width)
+                                  height=a.height, width=a.width, step_cache=a.step_cache)
     print(json.dumps(report["metrics"], indent=1))
     if "vae" in report:
         v = report["vae"]

@@ -43,7 +43,7 @@ class Pipeline:
         self.defaults = dict(frames=video.window_frames(config), height=int(config.data.height),
                              width=int(config.data.width), steps=int(s.steps), guidance=float(s.guidance),
                              shift=float(s.shift), solver=str(s.solver),
-                             negative_prompt=str(s.negative_prompt))
+                             negative_prompt=str(s.negative_prompt), step_cache=float(s.step_cache))
         self.max_length = int(config.text.max_length)
         self._encode = self._decode = None  # encode() / decode(): compiled on first use
 
@@ -74,10 +74,13 @@ class Pipeline:
     def generate(self, prompts, *, seed=0, steps=None, guidance=None, shift=None, solver=None,
                  negative_prompt=None, frames=None, height=None, width=None, noise=None,
                  decode=True, cond_latents=None, cond_mask=None, init_latents=None,
-                 strength=1.0) -> dict:
+                 strength=1.0, step_cache=None, start=True) -> dict:
         """Samples one clip per prompt -> {"latents": (N, t, h, w, z), "frames": (N, T, H, W, 3)
         in [0, 1] (with decode)}. `cond_latents` + `cond_mask` (N, t): given latent frames, kept
-        (sorajax/modes.py); `init_latents` + `strength`: video-to-video (SDEdit)."""
+        (sorajax/modes.py); `init_latents` + `strength`: video-to-video (SDEdit); `step_cache`:
+        the step cache's threshold (0 = off; default config.sample.step_cache), and then
+        "block_runs" / "model_calls" in the result; `start` False: windows cut mid-clip
+        (DiTConfig.start_embedding)."""
         prompts = list(prompts)
         for p in prompts:
             if not str(p).strip():
@@ -102,6 +105,9 @@ class Pipeline:
         if solver not in sampler.SOLVERS:
             raise UserError(f"--solver {solver!r}: choose from {', '.join(sampler.SOLVERS)}")
         neg = d["negative_prompt"] if negative_prompt is None else negative_prompt
+        step_cache = d["step_cache"] if step_cache is None else float(step_cache)
+        if not step_cache >= 0 or not np.isfinite(step_cache):
+            raise UserError(f"--step-cache {step_cache}: must be a finite number >= 0 (0 = off)")
         n = len(prompts)
         shape = (n,) + self.latent_shape(frames, height, width)
         if noise is None:
@@ -125,13 +131,14 @@ class Pipeline:
         ids, mask = self.encode_prompts(prompts)
         nids, nmask = self.encode_prompts([neg] * n)
         # The restored state already carries its mesh shardings; jit follows them.
-        latents, out = sampler.sample(self.graphdef, self.state, noise, ids, mask, nids, nmask,
+        latents, out, st = sampler.sample(self.graphdef, self.state, noise, ids, mask, nids, nmask,
                                       steps=steps, shift=shift, guidance=guidance, solver=solver,
                                       decode=decode, mesh=self.mesh,
                                       rules=self.config.sharding_rules, cond_latents=cond_latents,
                                       cond_mask=cond_mask, init_latents=init_latents,
-                                      strength=float(strength))
-        res = {"latents": np.asarray(jax.device_get(latents))}
+                                      strength=float(strength), step_cache=step_cache, stats=True,
+                                      start=np.full((n,), bool(start)))
+        res = {"latents": np.asarray(jax.device_get(latents)), **st}
         if decode:
             res["frames"] = np.asarray(jax.device_get(out), np.float32)
         return res

@@ -101,25 +101,26 @@ class Runner:
             return video_io.read_image(image, self.height, self.width, flag)
         return video_io.fit_video(np.asarray(image)[None], self.height, self.width)[0]
 
-    def _sample(self, prompts, cond: np.ndarray, mask: np.ndarray, chunk: int) -> np.ndarray:
+    def _sample(self, prompts, cond: np.ndarray, mask: np.ndarray, chunk: int, start: bool = True) -> np.ndarray:
         """One window per prompt with latent frames `mask` (t,) bool given by `cond` (N, t, h, w,
         z) -> latents (N, t, h, w, z). `chunk` seeds the noise (window i of a rollout: seed +
-        1000003 i)."""
+        1000003 i); `start`: the window begins at the clip's first latent frame (else it is cut
+        mid-clip: DiTConfig.start_embedding)."""
         n = len(prompts)
         kw = {}
         if mask.any():
             kw = dict(cond_latents=cond, cond_mask=np.repeat(mask[None], n, 0))
         return self.pipe.generate(prompts, seed=self.seed + 1000003 * chunk, frames=self.frames,
-                                  height=self.height, width=self.width, decode=False,
+                                  height=self.height, width=self.width, decode=False, start=start,
                                   **kw, **self.kw)["latents"]
 
-    def _window(self, prompts, given: dict, chunk: int) -> np.ndarray:
+    def _window(self, prompts, given: dict, chunk: int, start: bool = True) -> np.ndarray:
         """_sample with latent frames {index: latents (N, h, w, z)} given."""
         cond = np.zeros((len(prompts),) + self.window, np.float32)
         mask = np.zeros(self.window[0], bool)
         for i, z in given.items():
             cond[:, i], mask[i] = z, True
-        return self._sample(prompts, cond, mask, chunk)
+        return self._sample(prompts, cond, mask, chunk, start)
 
     def _rollout(self, prompts, seq: np.ndarray, new: int, *, backward: bool = False,
                  chunk0: int = 0) -> np.ndarray:
@@ -136,11 +137,11 @@ class Runner:
             mask = np.zeros(t, bool)
             if backward:
                 cond[:, t - k:], mask[t - k:] = seq[:, :k], True
-                lat = self._sample(prompts, cond, mask, chunk)
+                lat = self._sample(prompts, cond, mask, chunk, start=False)
                 seq = np.concatenate([lat[:, t - k - take: t - k], seq], axis=1)
             else:
                 cond[:, :k], mask[:k] = seq[:, -k:], True
-                lat = self._sample(prompts, cond, mask, chunk)
+                lat = self._sample(prompts, cond, mask, chunk, start=False)
                 seq = np.concatenate([seq, lat[:, k:k + take]], axis=1)
             made, chunk = made + take, chunk + 1
             _progress(f"window {chunk - chunk0}: {made}/{new} new latent frames")
@@ -281,7 +282,7 @@ class Runner:
         k1, k2 = self.bridge_given(z1.shape[1], z2.shape[1])
         given = {i: z1[:, z1.shape[1] - k1 + i] for i in range(k1)}
         given.update({t - k2 + i: z2[:, i] for i in range(k2)})
-        return self._window(prompts, given, chunk)[:, k1: t - k2]
+        return self._window(prompts, given, chunk, start=False)[:, k1: t - k2]
 
     def bridge_given(self, t1: int, t2: int) -> tuple[int, int]:
         """(k1, k2): latent frames of the two sides a transition window is given; it generates

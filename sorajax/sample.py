@@ -48,6 +48,10 @@ def parse_args(argv):
     p.add_argument("--negative-prompt", help="text for the unconditional branch (default: config's, usually empty)")
     p.add_argument("--solver", choices=sampler.SOLVERS, help="ODE solver (default: config's)")
     p.add_argument("--shift", type=float, help="flow-matching time shift (default: config's)")
+    p.add_argument("--step-cache", type=float,
+                   help="step cache threshold (TeaCache-style reuse of the DiT blocks' residual while "
+                        "their modulated input changes little; 0 = off; default: config's sample.step_cache). "
+                        "docs/PERFORMANCE.md has its speed-up and its cost on the world metrics")
     p.add_argument("--frames", type=int, help="frame count, 1 + 4k (default: the run's; not with --mode t2i)")
     p.add_argument("--height", type=int, help="height in pixels (default: the run's)")
     p.add_argument("--width", type=int, help="width in pixels (default: the run's)")
@@ -112,7 +116,8 @@ def _main(argv):
     # Videos are read before JAX starts (imageio's ffmpeg runs in a subprocess).
     videos = {k: video_io.read_video(getattr(a, k), "--" + k) if getattr(a, k) else None for k in ("video", "video2")}
     pipe = inference.load_pipeline(workdir=a.workdir, checkpoint=a.checkpoint, use_ema=not a.no_ema)
-    kw = dict(steps=a.steps, guidance=a.guidance, shift=a.shift, solver=a.solver, negative_prompt=a.negative_prompt)
+    kw = dict(steps=a.steps, guidance=a.guidance, shift=a.shift, solver=a.solver, negative_prompt=a.negative_prompt,
+              step_cache=a.step_cache)
     if a.mode in ("t2v", "t2i"):
         frames = 1 if a.mode == "t2i" else a.frames
         out = pipe.generate(prompts, seed=a.seed, frames=frames, height=a.height, width=a.width, noise=noise, **kw)

@@ -23,7 +23,8 @@ SOLVERS = ("euler", "heun", "unipc")
 TRACE_COUNT = {"sample": 0}
 
 
-def _cfg_velocity(model, x, sigma, text_kv, guidance, use_cfg: bool, cond=None):
+def _cfg_velocity(model, x, sigma, text_kv, guidance, use_cfg: bool, cond=None, cache=None, threshold=None,
+                  start=None):
     """Classifier-free guidance: v = v_neg + g (v_pos - v_neg), both in one batched call.
     `text_kv`: the DiT's cross-attention keys/values of the prompts (then, with CFG, of the
     negative prompts), computed once per sample (VideoModel.text_kv).
@@ -31,7 +32,10 @@ def _cfg_velocity(model, x, sigma, text_kv, guidance, use_cfg: bool, cond=None):
     `cond` = (latents (B, t, h, w, z), frame mask (B, t) bool, tokens per latent frame): the
     masked latent frames are conditioning: the model sees them clean, at noise level 0 (per-token
     timesteps, as the DiT stage trains them with dit_train.cond_rates), and their velocity is 0,
-    so every solver keeps them exactly where they started."""
+    so every solver keeps them exactly where they started.
+
+    `cache` (VideoModel.init_step_cache, with `threshold`): the step cache -- returns (v, cache).
+    `start` (B,) bool: the windows begin at their clips' first latent (DiTConfig.start_embedding)."""
     b = x.shape[0]
     if cond is None:
         sig = jnp.full((b,), sigma, x.dtype)
@@ -40,36 +44,56 @@ def _cfg_velocity(model, x, sigma, text_kv, guidance, use_cfg: bool, cond=None):
         fm = c_mask[:, :, None, None, None]
         x = jnp.where(fm, c_lat, x)
         sig = jnp.where(jnp.repeat(c_mask, per_frame, axis=1), 0.0, sigma).astype(x.dtype)  # (B, N)
-    if not use_cfg:
-        v = model.velocity(x, sig, None, text_kv=text_kv)
+    if use_cfg:  # (2B, t, h, w, z)
+        x, sig = jnp.concatenate([x, x], axis=0), jnp.concatenate([sig, sig], axis=0)
+        start = None if start is None else jnp.concatenate([start, start], axis=0)
+    if cache is None:
+        v = model.velocity(x, sig, None, text_kv=text_kv, start=start)
     else:
-        xx = jnp.concatenate([x, x], axis=0)  # (2B, t, h, w, z)
-        v = model.velocity(xx, jnp.concatenate([sig, sig], axis=0), None, text_kv=text_kv)
+        v, cache = model.velocity_cached(x, sig, text_kv, cache, threshold, start=start)
+    if use_cfg:
         v_pos, v_neg = v[:b], v[b:]
         v = v_neg + guidance * (v_pos - v_neg)
     if cond is not None:
         v = jnp.where(fm, jnp.zeros_like(v), v)
-    return v
+    return v if cache is None else (v, cache)
 
 
-def _euler(vel, x, sigmas):
-    def body(i, x):
+# Solvers take vel(x, s) -> v, or with `state` a stateful vel(x, s, state) -> (v, state) (the step
+# cache), and return the final x (and the final state when given one).
+def _stateful(vel, state):
+    if state is None:
+        return (lambda x, s, st: (vel(x, s), st)), jnp.zeros((), jnp.int32)
+    return vel, state
+
+
+def _euler(vel, x, sigmas, state=None):
+    f, st0 = _stateful(vel, state)
+
+    def body(i, carry):
+        x, st = carry
         s, s_next = sigmas[i], sigmas[i + 1]
-        return x + (s_next - s) * vel(x, s)
+        v, st = f(x, s, st)
+        return x + (s_next - s) * v, st
 
-    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, x)
+    x, st = jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, (x, st0))
+    return x if state is None else (x, st)
 
 
-def _heun(vel, x, sigmas):
-    def body(i, x):
+def _heun(vel, x, sigmas, state=None):
+    f, st0 = _stateful(vel, state)
+
+    def body(i, carry):
+        x, st = carry
         s, s_next = sigmas[i], sigmas[i + 1]
-        v1 = vel(x, s)
+        v1, st = f(x, s, st)
         x_e = x + (s_next - s) * v1
         # Second-order correction, except on the final step to sigma = 0 (as in EDM/k-diffusion).
-        v2 = jax.lax.cond(s_next > 0, lambda: vel(x_e, s_next), lambda: v1)
-        return x + (s_next - s) * 0.5 * (v1 + v2)
+        v2, st = jax.lax.cond(s_next > 0, lambda: f(x_e, s_next, st), lambda: (v1, st))
+        return x + (s_next - s) * 0.5 * (v1 + v2), st
 
-    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, x)
+    x, st = jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, (x, st0))
+    return x if state is None else (x, st)
 
 
 def _unipc_bh2_coeffs(lam_t, lam_s0, lam_s1):
@@ -94,7 +118,7 @@ def _unipc_bh2_coeffs(lam_t, lam_s0, lam_s1):
     return h_phi_1, b_h, r, rho_c0, rho_c1
 
 
-def _unipc(vel, x, sigmas):
+def _unipc(vel, x, sigmas, state=None):
     """UniPC multistep (Zhao et al. 2023): order-2 UniP predictor + UniC corrector, B(h) = bh2,
     data (x0) prediction, for flow matching -- diffusers' UniPCMultistepScheduler(
     prediction_type="flow_prediction", use_flow_sigmas=True, solver_order=2, solver_type="bh2",
@@ -112,6 +136,7 @@ def _unipc(vel, x, sigmas):
     lower-order steps are selected with jnp.where (the unselected branch may hold inf/NaN on
     the first/last step and is discarded).
     """
+    f, st0 = _stateful(vel, state)
     n = sigmas.shape[0] - 1
     alphas = 1.0 - sigmas
     lams = jnp.log(alphas) - jnp.log(sigmas)  # +inf at sigma = 0, -inf at sigma = 1
@@ -121,9 +146,10 @@ def _unipc(vel, x, sigmas):
         return a[jnp.clip(j, 0, n)]
 
     def body(i, carry):
-        x, x_last, m1, m2 = carry  # x_i (predicted), x_{i-1} (corrected), m_{i-1}, m_{i-2}
+        x, x_last, m1, m2, st = carry  # x_i (predicted), x_{i-1} (corrected), m_{i-1}, m_{i-2}
         s0 = sigmas[i]
-        m = (x - s0 * vel(x, s0)).astype(dtype)  # x0 prediction at (x_i, sigma_i)
+        v, st = f(x, s0, st)
+        m = (x - s0 * v).astype(dtype)  # x0 prediction at (x_i, sigma_i)
 
         # UniC corrector from sigma_{i-1} to sigma_i, order of the previous step (2 iff i >= 2).
         h_phi_1, b_h, r, rho0, rho1 = _unipc_bh2_coeffs(lams[i], at(lams, i - 1), at(lams, i - 2))
@@ -141,11 +167,11 @@ def _unipc(vel, x, sigmas):
         d1 = (m1 - m) / jnp.where(p_ord2, r, 1.0)
         x_p = (s_t / s0) * sample - (a_t * h_phi_1) * m
         x_p = jnp.where(p_ord2, x_p - (a_t * b_h) * (0.5 * d1), x_p)
-        return x_p.astype(dtype), sample, m, m1
+        return x_p.astype(dtype), sample, m, m1, st
 
     zeros = jnp.zeros_like(x)
-    x, *_ = jax.lax.fori_loop(0, n, body, (x, x, zeros, zeros))
-    return x
+    x, _, _, _, st = jax.lax.fori_loop(0, n, body, (x, x, zeros, zeros, st0))
+    return x if state is None else (x, st)
 
 
 _SOLVER_FNS = {"euler": _euler, "heun": _heun, "unipc": _unipc}
@@ -213,7 +239,7 @@ def tail_schedule(solver: str, steps: int, shift: float, strength: float):
 
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rules=None,
-              conditioned: bool = False, from_latents: bool = False):
+              conditioned: bool = False, from_latents: bool = False, step_cache: bool = False):
     def run(*args):
         if mesh is None:
             return _run(*args)
@@ -221,7 +247,7 @@ def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rul
             return _run(*args)
 
     def _run(state, noise, ids, mask, neg_ids, neg_mask, sigmas, model_sigmas, guidance, cond_latents,
-             cond_mask, init_latents):
+             cond_mask, init_latents, cache_threshold, start):
         TRACE_COUNT["sample"] += 1
         model = nnx.merge(graphdef, state)
         ctx = model.encode_text(ids, mask)  # (B, L, D)
@@ -240,21 +266,30 @@ def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rul
             cond = (cond_latents.astype(x.dtype), cond_mask, per_frame)
             x = jnp.where(cond_mask[:, :, None, None, None], cond[0], x)
         t_of = model_sigma_lookup(sigmas, model_sigmas) if solver == "unipc" else (lambda s: s)
-        vel = lambda x, s: _cfg_velocity(model, x, t_of(s), kv, guidance, use_cfg, cond)
-        latents = _SOLVER_FNS[solver](vel, x, sigmas)  # (B, t, h, w, z)
+        if step_cache:
+            cache0 = model.init_step_cache(x.shape[0] * (2 if use_cfg else 1), x.shape[1:])
+            vel = lambda x, s, c: _cfg_velocity(model, x, t_of(s), kv, guidance, use_cfg, cond, c, cache_threshold,
+                                                start)
+            latents, cache = _SOLVER_FNS[solver](vel, x, sigmas, cache0)  # (B, t, h, w, z)
+            runs = cache[4]
+        else:
+            vel = lambda x, s: _cfg_velocity(model, x, t_of(s), kv, guidance, use_cfg, cond, start=start)
+            latents = _SOLVER_FNS[solver](vel, x, sigmas)  # (B, t, h, w, z)
+            runs = jnp.int32(-1)
         if conditioned:  # exactly the given latents (UniPC's arithmetic keeps them to rounding)
             latents = jnp.where(cond[1][:, :, None, None, None], cond[0], latents)
         if not decode:
-            return latents, None
+            return latents, None, runs
         frames = model.decode_latents(latents)  # (B, T, H, W, 3) in [-1, 1]
-        return latents, jnp.clip((frames + 1.0) * 0.5, 0.0, 1.0)
+        return latents, jnp.clip((frames + 1.0) * 0.5, 0.0, 1.0), runs
 
     return jax.jit(run)
 
 
 def sample(graphdef, state, noise, ids, mask, neg_ids, neg_mask, *, steps: int, shift: float,
            guidance: float, solver: str = "euler", decode: bool = True, mesh=None, rules=None,
-           cond_latents=None, cond_mask=None, init_latents=None, strength: float = 1.0):
+           cond_latents=None, cond_mask=None, init_latents=None, strength: float = 1.0,
+           step_cache: float = 0.0, stats: bool = False, start=None):
     """Runs the compiled sampler. Returns (latents, frames in [0, 1] or None). With `mesh` (and
     the config's sharding `rules`), activations follow the rules: context-parallel attention and
     the row-sharded VAE when the mesh has a context axis.
@@ -267,7 +302,15 @@ def sample(graphdef, state, noise, ids, mask, neg_ids, neg_mask, *, steps: int, 
     (B, t, h, w, z) and `cond_mask` (B, t) -- the masked latent frames are given and kept; the rest
     is generated around them. One compiled program serves every mask of a shape.
     Video-to-video (SDEdit): `init_latents` (B, t, h, w, z) noised to the first level of
-    tail_schedule(strength), then denoised in `steps` steps."""
+    tail_schedule(strength), then denoised in `steps` steps.
+
+    `step_cache` > 0: the step cache (VideoModel.velocity_cached) with that threshold; with
+    `stats` the result has a third item, {"block_runs": model calls that ran the blocks,
+    "model_calls": all model calls} (block_runs None without the cache).
+
+    `start` (B,) bool (default all True): each window begins at its clip's first latent frame
+    (text/image-to-video), or was cut mid-clip (extension, long videos: sorajax/modes.py); read
+    by DiTs with start_embedding."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; known: {SOLVERS}")
     if init_latents is not None:
@@ -279,10 +322,19 @@ def sample(graphdef, state, noise, ids, mask, neg_ids, neg_mask, *, steps: int, 
     if mesh is not None:
         rules = sharding.normalize_rules(rules)
     conditioned = cond_mask is not None
-    fn = _compiled(graphdef, solver, use_cfg, decode, mesh, rules, conditioned, init_latents is not None)
+    if not step_cache >= 0:
+        raise ValueError(f"step_cache {step_cache} must be >= 0 (0 = off)")
+    fn = _compiled(graphdef, solver, use_cfg, decode, mesh, rules, conditioned, init_latents is not None,
+                   step_cache > 0)
     empty = jnp.zeros((), jnp.float32)
-    return fn(state, noise, ids, mask, neg_ids, neg_mask, jnp.asarray(sigmas), jnp.asarray(model_sigmas),
-              jnp.float32(g), empty if cond_latents is None else jnp.asarray(cond_latents, jnp.float32),
-              empty if cond_mask is None else jnp.asarray(cond_mask, bool),
-              empty if init_latents is None else jnp.asarray(init_latents, jnp.float32))
+    latents, frames, runs = fn(
+        state, noise, ids, mask, neg_ids, neg_mask, jnp.asarray(sigmas), jnp.asarray(model_sigmas),
+        jnp.float32(g), empty if cond_latents is None else jnp.asarray(cond_latents, jnp.float32),
+        empty if cond_mask is None else jnp.asarray(cond_mask, bool),
+        empty if init_latents is None else jnp.asarray(init_latents, jnp.float32), jnp.float32(step_cache),
+        jnp.ones((noise.shape[0],), bool) if start is None else jnp.asarray(start, bool))
+    if not stats:
+        return latents, frames
+    calls = (2 * int(steps) - 1) if solver == "heun" else int(steps)
+    return latents, frames, {"block_runs": int(runs) if step_cache > 0 else None, "model_calls": calls}
 

@@ -249,7 +249,7 @@ def load_tokenizer(path: str) -> tok_lib.Tokenizer:
         raise UserError(f"tokenizer {path!r} cannot be loaded: {e}") from None
 
 
-def conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, patch_size):
+def conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, patch_size, start=None):
     """The flow loss of clips (B, t, h, w, z) whose latent frames `fmask` (B, t) are given: those
     are the model's input as they are (clean, per-token noise level 0), the others are noised to
     `sigma` (B,); the velocity error is averaged over the generated frames only."""
@@ -257,7 +257,7 @@ def conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, patch_size):
     fm = fmask[:, :, None, None, None]
     xt = jnp.where(fm, x0, flow.add_noise(x0, noise, sigma))
     per_frame = (x0.shape[2] // ph) * (x0.shape[3] // pw)
-    v = model.velocity(xt, conditioning.token_sigmas(sigma, fmask, per_frame), ctx)
+    v = model.velocity(xt, conditioning.token_sigmas(sigma, fmask, per_frame), ctx, start=start)
     return flow.flow_loss(v, flow.velocity_target(x0, noise), (~fm).astype(jnp.float32))
 
 
@@ -343,7 +343,7 @@ class DiTStage(Stage):
         else:
             x0 = jax.lax.stop_gradient(model.encode_video(batch["frames"]))  # (B, t, h, w, z)
         b = x0.shape[0]
-        x0 = self._window(x0, jax.random.fold_in(key, 2))
+        x0, start = self._window(x0, jax.random.fold_in(key, 2))
         ids, mask = batch["ids"], batch["mask"]  # (B, L)
         # Text dropout: the unconditional branch of classifier-free guidance sees "".
         drop = jax.random.bernoulli(k_drop, self.tcfg.text_dropout, (b, 1))
@@ -356,25 +356,26 @@ class DiTStage(Stage):
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
         xt = flow.add_noise(x0, noise, sigma)
         if not conditioning.enabled(self.tcfg):
-            v = model.velocity(xt, sigma, ctx)
+            v = model.velocity(xt, sigma, ctx, start=start)
             return flow.flow_loss(v, flow.velocity_target(x0, noise)), {}
         # Conditioning masks (dit_train.cond_rates): the given latent frames stay clean at noise
         # level 0 (per-token timesteps) and the loss covers only the generated frames.
         fmask = conditioning.sample_masks(jax.random.fold_in(key, 1), b, x0.shape[1], conditioning.rates(self.tcfg))
-        loss = conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, self.cfgs[1].patch_size)
+        loss = conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, self.cfgs[1].patch_size, start)
         return loss, {"cond_frac": jnp.mean(fmask.astype(jnp.float32))}
 
     def _window(self, x0, key):
         """dit_train.clip_frames: each clip's latents (B, t, ...) cut to the window's latent frames
-        at a random start per clip (0 included: a window starting with the clip's one-frame
-        first latent, as text-to-video and i2v see it)."""
+        at a random start per clip -> (windows, (B,) bool: the window begins at the clip's
+        one-frame first latent, as text-to-video and i2v windows do; the DiT's start_embedding
+        tells the two kinds apart)."""
         vae_cfg = self.cfgs[0]
         w = 1 + (video.window_frames(self.config) - 1) // vae_cfg.temporal_stride
         t = x0.shape[1]
         if w >= t:
-            return x0
-        start = jax.random.randint(key, (x0.shape[0],), 0, t - w + 1)
-        return jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, w, axis=0))(x0, start)
+            return x0, jnp.ones((x0.shape[0],), bool)
+        offset = jax.random.randint(key, (x0.shape[0],), 0, t - w + 1)
+        return jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, w, axis=0))(x0, offset), offset == 0
 
     def step_flops(self):
         """DiT forward + backward on its window, the text encoder (backward too when trained),

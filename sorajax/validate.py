@@ -124,6 +124,10 @@ def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
         total = sum(conditioning.rates(t))
         _need(total <= 1.0 + 1e-9, f"{name}.cond_rates", dict(t.cond_rates),
               f"sum to {total:g}: at most 1 (the rest is plain text-to-video)")
+        n = t.clip_frames
+        _need(not n or n == d.frames or video.model_configs(config)[1].start_embedding, f"{name}.clip_frames", n,
+              f"windows cut from {d.frames}-frame clips start mid-clip or at a clip's one-frame first latent: "
+              "the DiT must be told which (dit.overrides.start_embedding=True)")
         pt = video.model_configs(config)[1].patch_size[0]
         _need(total == 0 or pt == 1, f"{name}.cond_rates", dict(t.cond_rates),
               f"conditioning masks give whole latent frames: they need a DiT temporal patch of 1, not {pt}")
@@ -177,6 +181,8 @@ def validate(config, data: bool = True) -> None:
         _need(is_num(s.guidance), "sample.guidance", s.guidance,
               "must be a finite number (1 = conditional only, 0 = unconditional)")
         _need(is_num(s.shift) and s.shift > 0, "sample.shift", s.shift, "must be > 0")
+        _need(is_num(s.step_cache) and s.step_cache >= 0, "sample.step_cache", s.step_cache,
+              "must be a number >= 0 (0 = off)")
         _need(s.solver in sampler.SOLVERS, "sample.solver", s.solver,
               f"must be one of {', '.join(sampler.SOLVERS)}")
     for k, v in config.mesh.items():

@@ -46,7 +46,10 @@ def test_cpu_benchmark_quick_writes_every_figure(tmp_path):
     assert math.isfinite(res["sampler_loop_overhead"]) and res["sampler_loop_overhead"] > -1
     # The text K/V once per sample computes what per-step K/V does (same ops, hoisted).
     assert res["sampler_text_kv_speedup"] > 0 and res["sampler_text_kv_max_abs_diff"] < 1e-5
-    assert res["step_cache_speedup"] is None and res["step_cache_note"]
+    # The step cache: timed, with the share of model calls that ran the blocks (2 steps: the
+    # first always runs them) and how far its latents are from the uncached loop's.
+    assert _positive(res["step_cache_speedup"]) and res["step_cache_note"]
+    assert 0.5 <= res["step_cache_block_run_fraction"] <= 1 and math.isfinite(res["step_cache_max_abs_diff"])
     # Without --torch-python the speed-ups are present and null, not missing.
     for k in ("dit_train_speedup_vs_torch", "dit_forward_speedup_vs_torch", "vae_decode_speedup_vs_torch"):
         assert k in res and res[k] is None

@@ -117,7 +117,7 @@ def test_toy_variant_shapes():
     assert out.shape == (2, 3, 8, 8, cfg.out_channels) and out.dtype == jnp.float32
     assert dit.num_tokens(cfg, x.shape) == 3 * 4 * 4
     model = nnx.eval_shape(lambda: dit.WanDiT(cfg, rngs=nnx.Rngs(1)))
-    assert dit.param_count(model) == 1_251_488
+    assert dit.param_count(model) == 1_251_616  # incl. the 128-wide start embedding
     bf16 = dit.VARIANTS["toy"](dtype="bfloat16")
     out = nnx.eval_shape(lambda x, c: dit.WanDiT(bf16, rngs=nnx.Rngs(1))(x, jnp.zeros((2, 48)), c), x, ctx)
     assert out.shape == (2, 3, 8, 8, cfg.out_channels) and out.dtype == jnp.bfloat16

@@ -175,3 +175,57 @@ def test_seam_continuity_passes_the_truth_and_catches_breaks():
     assert cont(gt[:, :9], gt[:, 9:]) == 1.0
     assert cont(gt[:, :9], gt[:, 9:][:, ::-1]) == 0.0
     assert cont(gt[:, :9], other[:, 9:]) == 0.0
+
+
+def test_step_cache_skips_blocks_and_is_off_at_zero(tiny):
+    """The step cache: at threshold 0 it runs the blocks at every model call and equals the
+    sampler without it exactly; a large threshold runs them once (the first call) and changes
+    the result; a middle one skips some calls; every setting is deterministic."""
+    graphdef, state, dit_cfg, ids, mask = tiny
+    rng = np.random.default_rng(5)
+    noise = jnp.asarray(rng.standard_normal((2, 3, 4, 4, dit_cfg.in_channels)), jnp.float32)
+    for solver, calls in (("euler", 8), ("heun", 15), ("unipc", 8)):
+        kw = dict(steps=8, shift=2.0, guidance=3.0, solver=solver, decode=False, stats=True)
+        off, _, st_off = sampler.sample(graphdef, state, noise, ids, mask, ids, mask, **kw)
+        assert st_off == {"block_runs": None, "model_calls": calls}
+        zero, _, st0 = sampler.sample(graphdef, state, noise, ids, mask, ids, mask, step_cache=1e-12, **kw)
+        np.testing.assert_array_equal(np.asarray(zero), np.asarray(off))
+        assert st0["block_runs"] == calls
+        big, _, st_big = sampler.sample(graphdef, state, noise, ids, mask, ids, mask, step_cache=1e9, **kw)
+        assert st_big["block_runs"] == 1 and np.abs(np.asarray(big) - np.asarray(off)).max() > 1e-3
+        runs = []
+        for thr in (0.1, 0.3, 1.0, 3.0, 10.0):  # fewer block runs as the threshold grows
+            mid, _, st_mid = sampler.sample(graphdef, state, noise, ids, mask, ids, mask, step_cache=thr, **kw)
+            runs.append(st_mid["block_runs"])
+        again, _, _ = sampler.sample(graphdef, state, noise, ids, mask, ids, mask, step_cache=10.0, **kw)
+        np.testing.assert_array_equal(np.asarray(mid), np.asarray(again))
+        assert runs == sorted(runs, reverse=True) and any(1 < r < calls for r in runs), (solver, runs)
+
+
+def test_training_windows_come_from_the_clip_and_flag_its_start():
+    """dit_train.clip_frames: 9-frame windows (3 latent frames) of 17-frame clips (5): each is
+    the clip's latents at some offset, every offset occurs, and `start` is True exactly at 0.
+    The DiT's start embedding then changes the output of the window's first latent frame."""
+    from sorajax import tokenizer as tok_lib
+    from tests.helpers import FIXTURES
+
+    cfg = toy_config()
+    tok = tok_lib.Tokenizer.load(str(FIXTURES / "umt5_tiny" / "tokenizer"))
+    stage = stages.DiTStage(cfg, "/nonexistent", tok)
+    x0 = jnp.broadcast_to(jnp.arange(5, dtype=jnp.float32)[None, :, None, None, None], (64, 5, 2, 2, 1))
+    win, start = stage._window(x0 + 10 * jnp.arange(64.0)[:, None, None, None, None], jax.random.key(0))
+    win, start = np.asarray(win), np.asarray(start)
+    offsets = win[:, 0, 0, 0, 0] - 10 * np.arange(64)
+    assert win.shape == (64, 3, 2, 2, 1) and set(offsets) == {0.0, 1.0, 2.0}
+    np.testing.assert_array_equal(win[:, :, 0, 0, 0] - 10 * np.arange(64)[:, None], offsets[:, None] + np.arange(3))
+    np.testing.assert_array_equal(start, offsets == 0)
+
+    from sorajax.models import dit as dit_lib
+
+    dcfg = dit_lib.VARIANTS["toy"](num_layers=1)
+    model = dit_lib.WanDiT(dcfg, rngs=nnx.Rngs(0))
+    model.start_embedding[...] = jax.random.normal(jax.random.key(1), model.start_embedding.shape)
+    x = jax.random.normal(jax.random.key(2), (2, 3, 4, 4, dcfg.in_channels))
+    ctx = jax.random.normal(jax.random.key(3), (2, 5, dcfg.text_dim))
+    on, off = (np.asarray(model(x, jnp.full((2,), 500.0), ctx, start=jnp.asarray([s, s]))) for s in (True, False))
+    assert np.abs(on - off).max() > 1e-3

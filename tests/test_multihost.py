@@ -19,12 +19,14 @@ from tests.helpers import free_port, process_env, run_all
 
 K = 4  # steps before the checkpoint / process-count change; the runs go to 2K
 
-# The toy config, small: a 2x2x2 VAE, a 1-layer DiT and text encoder on 16x16 clips (same code
-# paths, faster compiles), 1 VAE step, a loss per step, a checkpoint every K steps, no end-of-run
-# sampling.
+# The toy config, small: a 2x2x2 VAE, a 1-layer DiT and text encoder on 16x16 clips of 9 frames
+# (same code paths, faster compiles), 1 VAE step, a loss per step, a checkpoint every K steps, no
+# end-of-run sampling.
 SMALL = [
     "--config.vae.overrides={'base_dim': 4, 'z_dim': 4, 'dim_mult': (1, 2), 'temporal_downsample': (True,)}",
     "--config.data.height=16", "--config.data.width=16", "--config.data.num_train=32",
+    # whole 9-frame clips (the toy's 9-frame windows of 13-frame clips resume in test_cli.py)
+    "--config.data.frames=9", "--config.vae_train.clip_frames=0", "--config.dit_train.clip_frames=0",
     "--config.dit.overrides={'num_layers': 1, 'num_attention_heads': 2, 'attention_head_dim': 32, 'ffn_dim': 128}",
     "--config.text.overrides={'num_layers': 1, 'd_model': 64, 'd_kv': 16, 'num_heads': 4, 'd_ff': 128}",
     "--config.vae_train.steps=1", "--config.vae_train.log_every=1", "--config.vae_train.ckpt_every=1",

@@ -56,6 +56,11 @@ class DiTConfig:
     # batch dim, "offload" moves those to host memory (TPU/GPU). True/False = "full"/"none".
     remat: Any = "none"
     scan_layers: bool = True  # lax.scan over the blocks (one compiled block; stacked at call); False: unrolled
+    # A learned embedding added to the tokens of a window's first latent frame when that frame
+    # is a clip's first latent (which the causal VAE encodes from one frame), so that the model
+    # can tell text/image-to-video windows from windows cut mid-clip (extension, long videos;
+    # sorajax/modes.py). Not in Wan 2.1 (off: its weights import unchanged).
+    start_embedding: bool = False
 
     @property
     def dim(self) -> int:
@@ -277,6 +282,8 @@ class WanDiT(nnx.Module):
         init = jax.random.normal(rngs.params(), (1, 2, d), F32) / math.sqrt(d)
         self.scale_shift_table = nnx.Param(init.astype(jnp.dtype(cfg.param_dtype)),
                                            out_sharding=(None, "modulation", "embed"))
+        if cfg.start_embedding:
+            self.start_embedding = nnx.Param(jnp.zeros((d,), jnp.dtype(cfg.param_dtype)), out_sharding=("embed",))
 
     def text_kv(self, context):
         """Every block's cross-attention keys and values of `context` (B, L, text_dim), stacked
@@ -288,11 +295,19 @@ class WanDiT(nnx.Module):
         kvs = [b.attn2.project_kv(ctx) for b in self.blocks]
         return tuple(jnp.stack(a) for a in zip(*kvs))
 
-    def __call__(self, x, t, context, positions=None, text_kv=None):
+    def __call__(self, x, t, context, positions=None, text_kv=None, start=None):
         """x (B, F, H, W, Cin); t (B,) or (B, N) in [0, 1000]; context (B, L, text_dim), or None
         with `text_kv` = self.text_kv(context) computed beforehand; positions: optional
-        (B, N, 3) int (t, h, w) per token, default the regular grid.
+        (B, N, 3) int (t, h, w) per token, default the regular grid; start: optional (B,) bool,
+        the window begins at its clip's first latent frame (cfg.start_embedding; default True).
         Returns the velocity (B, F, H, W, Cout) in `cfg.dtype`."""
+        hid, e = self.embed(x, t, positions, start)
+        return self.head(self.run(hid, e, context, text_kv), e)
+
+    def embed(self, x, t, positions=None, start=None):
+        """The input side: patch tokens (B, N, D) and what the blocks and the head need (the
+        timestep modulation, RoPE tables, the shape) -- so that a step cache can skip the blocks
+        (sampler.py) and still run the head."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         B, F, H, W, C = x.shape
         pt, ph, pw = cfg.patch_size
@@ -304,6 +319,10 @@ class WanDiT(nnx.Module):
         # Patchify: token order (f, h, w), patch vector order (pt, ph, pw, C).
         tok = x.reshape(B, f, pt, h, ph, w, pw, C).transpose(0, 1, 3, 5, 2, 4, 6, 7)
         hid = self.patch_embedding(tok.reshape(B, n, pt * ph * pw * C).astype(dt))  # (B, N, D)
+        if cfg.start_embedding:
+            first = (jnp.arange(n) < h * w)[None, :, None]  # the tokens of latent frame 0
+            on = jnp.ones((B,), bool) if start is None else jnp.asarray(start, bool)
+            hid = hid + jnp.where(first & on[:, None, None], self.start_embedding[...].astype(dt), 0).astype(dt)
         hid = sharding.constrain(hid, ACT)
 
         if positions is None:
@@ -322,15 +341,31 @@ class WanDiT(nnx.Module):
         temb = self.time_embedder_2(jax.nn.silu(self.time_embedder_1(temb)))  # (B, S, D) f32
         mod = self.time_proj(jax.nn.silu(temb.astype(dt)))  # (B, S, 6D)
         mod = mod.astype(F32).reshape(*mod.shape[:2], 6, d)  # (B, S, 6, D)
+        return hid, dict(mod=mod, temb=temb, cos=cos, sin=sin, shape=(B, F, H, W, f, h, w))
 
+    def run(self, hid, e, context, text_kv=None):
+        """The blocks on the tokens of embed() -> (B, N, D)."""
         if text_kv is None:
+            dt = jnp.dtype(self.cfg.dtype)
             ctx = self.text_embedder_1(context.astype(dt))
             ctx = self.text_embedder_2(jax.nn.gelu(ctx, approximate=True))  # (B, L, D)
         else:
             ctx = None
+        return run_blocks(list(self.blocks), hid, ctx, e["mod"], e["cos"], e["sin"], self.cfg, text_kv)
 
-        hid = run_blocks(list(self.blocks), hid, ctx, mod, cos, sin, cfg, text_kv)  # (B, N, D)
+    def probe(self, hid, e):
+        """The first block's timestep-modulated normalized input (B, N, D) f32: how much it
+        changes between denoising steps tells a step cache whether the blocks' output will
+        (TeaCache's indicator)."""
+        m = self.blocks[0].scale_shift_table[...].astype(F32)[None] + e["mod"]  # (B, S, 6, D)
+        return layer_norm(hid, self.cfg.eps).astype(F32) * (1 + m[:, :, 1]) + m[:, :, 0]
 
+    def head(self, hid, e):
+        """The output side: final modulated norm, projection, unpatchify -> (B, F, H, W, Cout)."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        B, F, H, W, f, h, w = e["shape"]
+        pt, ph, pw = cfg.patch_size
+        temb = e["temb"]
         m = self.scale_shift_table[...].astype(F32)[None] + temb[:, :, None, :]  # (B, S, 2, D)
         shift, scale = m[:, :, 0], m[:, :, 1]
         hid = (layer_norm(hid, cfg.eps) * (1 + scale) + shift).astype(dt)
@@ -464,7 +499,7 @@ VARIANTS = {
         in_channels=16, out_channels=16, text_dim=4096), **kw}),
     "toy": lambda **kw: DiTConfig(**{**dict(  # CPU training
         num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4,
-        in_channels=8, out_channels=8, text_dim=128, freq_dim=256), **kw}),
+        in_channels=8, out_channels=8, text_dim=128, freq_dim=256, start_embedding=True), **kw}),
     "tiny": lambda **kw: DiTConfig(**{**dict(  # = tests/fixtures/wan_dit_tiny
         num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2,
         in_channels=4, out_channels=4, text_dim=16, freq_dim=16), **kw}),

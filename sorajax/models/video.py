@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 import chex
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sorajax.errors import UserError
@@ -64,16 +66,41 @@ class VideoModel(nnx.Module):
         chex.assert_equal_shape([ids, mask])
         return text_lib.encode_prompts(self.text, ids, mask)
 
-    def velocity(self, latents, sigma, context, text_kv=None):
+    def velocity(self, latents, sigma, context, text_kv=None, start=None):
         """v(x_sigma) for latents (B, t, h, w, z) and sigma (B,) or per-token (B, N); the text
-        as its DiT context (B, L, D), or (context None) as text_kv(context) computed before."""
+        as its DiT context (B, L, D), or (context None) as text_kv(context) computed before;
+        `start` (B,) bool: the window begins at its clip's first latent (DiTConfig.start_embedding)."""
         chex.assert_rank(latents, 5)
         if text_kv is None:
             chex.assert_rank(context, 3)
             chex.assert_equal_shape_prefix([latents, sigma, context], 1)
         else:
             chex.assert_equal_shape_prefix([latents, sigma, text_kv[0][0]], 1)
-        return self.dit(latents, sigma * 1000.0, context, text_kv=text_kv)
+        return self.dit(latents, sigma * 1000.0, context, text_kv=text_kv, start=start)
+
+    def velocity_cached(self, latents, sigma, text_kv, cache, threshold, start=None):
+        """velocity() with a step cache (TeaCache-style): the blocks' residual (output - input)
+        of the last step that ran them is reused while the first block's modulated input has
+        changed by less than `threshold` in accumulated relative L1 since then. `cache` =
+        (probe, residual, accumulated change, calls, block runs) from init_step_cache; returns
+        (v, cache). Deterministic; the skip is a lax.cond, so skipped blocks cost nothing."""
+        d = self.dit
+        hid, e = d.embed(latents, sigma * 1000.0, start=start)
+        probe = d.probe(hid, e)
+        prev, res, acc, calls, runs = cache
+        rel = jnp.mean(jnp.abs(probe - prev)) / (jnp.mean(jnp.abs(prev)) + 1e-8)
+        reuse = (calls > 0) & (acc + rel < threshold)
+        out = jax.lax.cond(reuse, lambda: (hid.astype(jnp.float32) + res).astype(hid.dtype),
+                           lambda: d.run(hid, e, None, text_kv))
+        res = jnp.where(reuse, res, out.astype(jnp.float32) - hid.astype(jnp.float32))
+        acc = jnp.where(reuse, acc + rel, 0.0)
+        return d.head(out, e), (probe, res, acc, calls + 1, runs + jnp.where(reuse, 0, 1))
+
+    def init_step_cache(self, batch: int, latent_shape):
+        """An empty step cache for velocity_cached at `batch` latents of shape (t, h, w, z)."""
+        n = dit_lib.num_tokens(self.dit.cfg, tuple(latent_shape)[:3])
+        z = jnp.zeros((batch, n, self.dit.cfg.dim), jnp.float32)
+        return (z, z, jnp.float32(0.0), jnp.int32(0), jnp.int32(0))
 
     def text_kv(self, context):
         """The DiT's cross-attention keys/values of a context (WanDiT.text_kv): once per sample."""
