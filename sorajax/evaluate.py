@@ -252,9 +252,10 @@ def parse_args(argv):
     p.add_argument("--num-prompts", type=int, default=None,
                    help="--modes: the first N of the set's single-object prompts (default all: 28 test, 10 validation)")
     p.add_argument("--sheets", help="--modes: write a contact sheet per mode (first 4 prompts) into this folder")
-    p.add_argument("--batch-size", type=int, default=12,
+    p.add_argument("--batch-size", type=int, default=None,
                    help="prompts per sampler call (12: 4 calls of one compiled shape for the 48 "
-                        "test prompts, 2 for the 24 validation prompts)")
+                        "test prompts, 2 for the 24 validation prompts; not with --modes, which "
+                        "samples all its prompts in one batch)")
     return p.parse_args(argv)
 
 
@@ -274,6 +275,8 @@ def _main(argv) -> int:
                             f"{', '.join(mode_eval.MODE_SETS)}")
         if a.ground_truth:
             raise UserError("--modes samples a model's generation modes: give --workdir, not --ground-truth")
+        if a.batch_size is not None:
+            raise UserError("--batch-size is not read by --modes (it samples all its prompts in one batch)")
     elif a.ground_truth and a.step_cache is not None:
         raise UserError("--step-cache samples a model: give --workdir, not --ground-truth")
     elif a.num_prompts is not None or a.sheets:
@@ -297,13 +300,13 @@ def _main(argv) -> int:
         cli.check_writable_output(a.out, (".json",), "--out")
         cfg = world_lib.WorldConfig(frames=a.frames or 9, height=a.height or 32, width=a.width or 32)
         report = run_benchmark(ground_truth_generate(cfg), seed=a.seed, seeds=a.seeds,
-                               batch_size=a.batch_size, prompts=a.prompts, info={"source": "ground_truth"})
+                               batch_size=a.batch_size or 12, prompts=a.prompts, info={"source": "ground_truth"})
         fileio.write_json(a.out, report)
     else:
         if not os.path.isdir(a.workdir):
             raise UserError(f"--workdir does not exist: {a.workdir}")
         report = evaluate_workdir(a.workdir, a.out, seed=a.seed, seeds=a.seeds, prompts=a.prompts,
-                                  batch_size=a.batch_size,
+                                  batch_size=a.batch_size or 12,
                                   steps=a.steps, guidance=a.guidance, frames=a.frames,
                                   height=a.height, width=a.width, step_cache=a.step_cache)
     print(json.dumps(report["metrics"], indent=1))
