@@ -95,3 +95,36 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_text_dit(vocab_size: int = 64):
+    """(graphdef, state, dit_cfg): a 1-layer DiT + text encoder from the toy config in a
+    VideoModel without its VAE (latent-space sampler tests never decode, and building even the
+    toy VAE op by op takes tens of seconds on CPU), every parameter re-randomised (zero-initialised
+    output heads would hide the prompt and the inputs)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sorajax.models import dit as dit_lib
+    from sorajax.models import text as text_lib
+    from sorajax.models import video
+
+    cfg = toy_config()
+    with cfg.unlocked():
+        cfg.dit.overrides = dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, freq_dim=16)
+        cfg.text.overrides = dict(num_layers=1, d_model=32, d_kv=8, num_heads=4, d_ff=64)
+    _, dit_cfg, text_cfg = video.model_configs(cfg, vocab_size=vocab_size)
+
+    class NoVAEVideoModel(video.VideoModel):
+        def __init__(self, *, rngs):
+            self.dit = dit_lib.WanDiT(dit_cfg, rngs=rngs)
+            self.text = text_lib.UMT5Encoder(text_cfg, rngs=rngs)
+
+    graphdef, state = nnx.split(NoVAEVideoModel(rngs=nnx.Rngs(0)))
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    state = jax.tree.unflatten(tree, [p + 0.2 * jax.random.normal(k, p.shape, p.dtype)
+                                      if jnp.issubdtype(p.dtype, jnp.floating) else p
+                                      for p, k in zip(leaves, keys)])
+    return graphdef, state, dit_cfg

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from sorajax import conditioning, flow, sampler, stages
-from tests.helpers import toy_config
+from tests.helpers import tiny_text_dit, toy_config
 
 
 def test_each_mask_kind_gives_its_frames():
@@ -39,27 +39,7 @@ def test_each_mask_kind_gives_its_frames():
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny DiT + text encoder (no VAE: the latent-space tests never decode)."""
-    from sorajax.models import dit as dit_lib
-    from sorajax.models import text as text_lib
-    from sorajax.models import video
-
-    cfg = toy_config()
-    with cfg.unlocked():
-        cfg.dit.overrides = dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, freq_dim=16)
-        cfg.text.overrides = dict(num_layers=1, d_model=32, d_kv=8, num_heads=4, d_ff=64)
-    _, dit_cfg, text_cfg = video.model_configs(cfg, vocab_size=64)
-
-    class NoVAE(video.VideoModel):
-        def __init__(self, *, rngs):
-            self.dit = dit_lib.WanDiT(dit_cfg, rngs=rngs)
-            self.text = text_lib.UMT5Encoder(text_cfg, rngs=rngs)
-
-    graphdef, state = nnx.split(NoVAE(rngs=nnx.Rngs(0)))
-    leaves, tree = jax.tree.flatten(state)  # zero-initialised heads would hide everything
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    state = jax.tree.unflatten(tree, [p + 0.2 * jax.random.normal(k, p.shape, p.dtype)
-                                      if jnp.issubdtype(p.dtype, jnp.floating) else p
-                                      for p, k in zip(leaves, keys)])
+    graphdef, state, dit_cfg = tiny_text_dit()
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(2, 64, (2, 6)), jnp.int32)
     mask = jnp.ones((2, 6), jnp.int32)

@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import sorajax  # noqa: F401
 from sorajax import flow, sampler
-from tests.helpers import FIXTURES, toy_config
+from tests.helpers import FIXTURES, tiny_text_dit
 
 REF = dict(np.load(FIXTURES / "solver_trajectories.npz"))
 CONFIGS = sorted({k.split("_", 1)[1].rsplit("_", 1)[0] for k in REF if k.startswith("unipc_")})
@@ -184,32 +183,10 @@ def test_order_of_accuracy(solver, band):
 
 @pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def tiny_model():
-    """A tiny text encoder + DiT in a VideoModel without its VAE (sample(decode=False) never
-    touches it, and building even the toy VAE op by op takes tens of seconds on CPU)."""
-    from sorajax.models import dit as dit_lib
-    from sorajax.models import text as text_lib
-    from sorajax.models import video
-
-    cfg = toy_config()
-    with cfg.unlocked():
-        cfg.dit.overrides = dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, freq_dim=16)
-        cfg.text.overrides = dict(num_layers=1, d_model=32, d_kv=8, num_heads=4, d_ff=64)
-    vae_cfg, dit_cfg, text_cfg = video.model_configs(cfg, vocab_size=64)
-
-    class NoVAEVideoModel(video.VideoModel):
-        def __init__(self, *, rngs):
-            self.dit = dit_lib.WanDiT(dit_cfg, rngs=rngs)
-            self.text = text_lib.UMT5Encoder(text_cfg, rngs=rngs)
-
-    graphdef, state = nnx.split(NoVAEVideoModel(rngs=nnx.Rngs(0)))
-    # Re-randomise every parameter: zero-initialised output heads would hide the prompt.
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [p + 0.2 * jax.random.normal(k, p.shape, p.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
-              for p, k in zip(leaves, keys)]
-    state = jax.tree.unflatten(tree, leaves)
+    """A tiny text encoder + DiT in a VideoModel without its VAE (tests.helpers.tiny_text_dit)."""
+    graphdef, state, dit_cfg = tiny_text_dit()
     rng = np.random.default_rng(0)
-    noise = jnp.asarray(rng.standard_normal((2, 1, 4, 4, vae_cfg.z_dim)), jnp.float32)
+    noise = jnp.asarray(rng.standard_normal((2, 1, 4, 4, dit_cfg.in_channels)), jnp.float32)
     ids = jnp.asarray(rng.integers(2, 64, (2, 6)), jnp.int32)
     mask = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2], jnp.int32)
     neg_ids = jnp.asarray(rng.integers(2, 64, (2, 6)), jnp.int32)
