@@ -182,7 +182,7 @@ class Runner:
                   "(dit_train.cond_rates all 0, as imported Wan 2.1 T2V weights): the given frames are "
                   "kept, but what is generated around them may not follow them", file=sys.stderr)
         rep = lambda x: np.repeat(x[None], n, 0)
-        need = lambda v, flag: v if v is not None else _missing(mode, flag)
+        need = lambda v, flag: v if v is not None else missing(mode, flag)
         if mode in ("t2v", "t2i", "loop"):
             return getattr(self, mode)(prompts)
         if mode == "i2v":
@@ -207,7 +207,7 @@ class Runner:
         round(s fps), in latent frame 0 (frame 0) or round(frame / stride) (frames 1 + s (i - 1)
         .. s i)."""
         if not inp.keyframes:
-            _missing("keyframes", "--keyframe")
+            missing("keyframes", "--keyframe")
         out = []
         for spec in inp.keyframes:
             path, sep, sec = str(spec).rpartition("@")
@@ -336,12 +336,15 @@ class Runner:
         return t
 
 
-_REQUIRED = {"--image": "png/jpg/webp", "--video": "mp4/gif/webm", "--video2": "mp4/gif/webm",
-             "--keyframe": "FILE@SECONDS, repeatable"}
+# The inputs each mode needs (sample's flags of those names), and what each is.
+REQUIRED = {"i2v": ("image",), "extend_forward": ("video", "seconds"), "extend_backward": ("video", "seconds"),
+            "connect": ("video", "video2"), "keyframes": ("keyframe",), "v2v": ("video",), "long": ("seconds",)}
+_WHAT = {"--image": "png/jpg/webp", "--video": "mp4/gif/webm", "--video2": "mp4/gif/webm",
+         "--keyframe": "FILE@SECONDS, repeatable", "--seconds": "a number of seconds"}
 
 
-def _missing(mode, flag):
-    raise UserError(f"--mode {mode} needs {flag} ({_REQUIRED[flag]})")
+def missing(mode, flag):
+    raise UserError(f"--mode {mode} needs {flag} ({_WHAT[flag]})")
 
 
 def _progress(msg: str) -> None:

@@ -23,11 +23,6 @@ re-generated under the prompt at --strength; long = --seconds of video, window a
 MODE_FLAGS = {"image": ("i2v",), "video": ("extend_forward", "extend_backward", "connect", "v2v"),
               "video2": ("connect",), "seconds": ("extend_forward", "extend_backward", "long"),
               "keyframe": ("keyframes",), "strength": ("v2v",)}
-REQUIRED = {"i2v": ("image",), "extend_forward": ("video", "seconds"), "extend_backward": ("video", "seconds"),
-            "connect": ("video", "video2"), "keyframes": ("keyframe",), "v2v": ("video",), "long": ("seconds",)}
-REQUIRED_HELP = {"image": "an image file: png/jpg/webp", "video": "a video file: mp4/gif/webm",
-                 "video2": "the second video file", "seconds": "a number of seconds",
-                 "keyframe": "FILE@SECONDS, repeatable"}
 
 
 def parse_args(argv):
@@ -99,9 +94,9 @@ def _main(argv):
     if a.save_latents and a.mode in ("extend_backward", "connect"):
         raise UserError(f"--save-latents: --mode {a.mode} joins generated frames and the input clip's own "
                         "pixels; it has no one latent sequence to save (use --save-frames)")
-    for flag in REQUIRED.get(a.mode, ()):
+    for flag in modes.REQUIRED.get(a.mode, ()):  # before the model loads
         if getattr(a, flag) in (None, []):
-            raise UserError(f"--mode {a.mode} needs --{flag} ({REQUIRED_HELP[flag]})")
+            modes.missing(a.mode, "--" + flag)
     for flag in ("image", "video", "video2"):
         if getattr(a, flag) and not os.path.isfile(getattr(a, flag)):
             raise UserError(f"--{flag} {getattr(a, flag)!r} does not exist")
