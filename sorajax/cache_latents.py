@@ -96,7 +96,8 @@ def _main(argv):
                           load_vae=lambda: stages.load_vae_state(config, run_dir, mesh),
                           batch_size=args.batch_size, shard_clips=args.shard_clips)
     if jax.process_index() == 0:
-        print(f"latent cache: {len(cache)} clips of {'x'.join(map(str, cache.shape))} latents "
+        what = "mixed-shape" if cache.native else 'x'.join(map(str, cache.shape))
+        print(f"latent cache: {len(cache)} clips of {what} latents "
               f"({cache.meta['dtype']}) in {len(cache.meta['parts'])} parts at {os.path.abspath(args.out)} "
               f"({time.time() - t0:.1f} s)", flush=True)
         extra = "" if "vae" not in config.stages else " --config.stages=\"('dit',)\""

@@ -27,23 +27,26 @@ def enabled(tcfg) -> bool:
     return any(r > 0 for r in rates(tcfg))
 
 
-def sample_masks(key, batch: int, frames: int, rate_values) -> jax.Array:
+def sample_masks(key, batch: int, frames: int, rate_values, lengths=None) -> jax.Array:
     """(batch, frames) bool: True = a given (conditioning) latent frame. One kind per clip, drawn
-    with `rate_values` (KINDS order; "none" gets 1 - their sum); k uniform in [1, frames - 1].
+    with `rate_values` (KINDS order; "none" gets 1 - their sum); k uniform in [1, length - 1].
     At least one frame of every clip is generated (a 1-frame clip -- an image -- is never
-    conditioned)."""
+    conditioned). `lengths` (batch,) int: each clip's latent frames when they differ (packed
+    clips; frames is then their maximum); frames past a clip's length are never given."""
     k_kind, k_len, k_key = jax.random.split(key, 3)
     p = jnp.asarray((max(0.0, 1.0 - sum(rate_values)),) + tuple(rate_values), jnp.float32)
     kind = jax.random.choice(k_kind, len(p), (batch,), p=p / p.sum())  # 0 = none, 1 + KINDS index
-    k = jax.random.randint(k_len, (batch, 1), 1, max(frames, 2))  # 1 .. frames - 1
+    n = jnp.full((batch, 1), frames) if lengths is None else jnp.asarray(lengths)[:, None]
+    k = jax.random.randint(k_len, (batch, 1), 1, jnp.maximum(n, 2))  # 1 .. length - 1
     i = jnp.arange(frames)[None]
     kind = kind[:, None]
     m = jnp.where(kind == 1, i == 0, False)
     m = jnp.where(kind == 2, i < k, m)
-    m = jnp.where(kind == 3, i >= frames - k, m)
-    m = jnp.where(kind == 4, (i == 0) | (i == frames - 1), m)
+    m = jnp.where(kind == 3, i >= n - k, m)
+    m = jnp.where(kind == 4, (i == 0) | (i == n - 1), m)
     m = jnp.where(kind == 5, jax.random.bernoulli(k_key, KEYFRAME_RATE, (batch, frames)), m)
-    return m & ~jnp.all(m, axis=1, keepdims=True)
+    m = m & (i < n)
+    return m & ~jnp.all(m | (i >= n), axis=1, keepdims=True)
 
 
 def token_sigmas(sigma, frame_mask, tokens_per_frame: int):

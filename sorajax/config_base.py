@@ -66,6 +66,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_objects = 1  # objects per clip, at most
     c.data.occluder_prob = 0.0  # chance of a static occluder bar in a clip
     c.data.two_tone_prob = 0.0  # chance of a two-colour background
+    # Native shapes (world data; trained with dit_train.packing="pack"): each clip gets one of
+    # these width/height ratios at the nearest size to height x width pixels whose sides are
+    # multiples of size_multiple, and one of `durations` frame counts -- or is a 1-frame image,
+    # with chance image_share. () = every clip is frames x height x width.
+    c.data.aspect_ratios = ()  # e.g. (1.0, 1.5, 0.667): square, landscape, portrait
+    c.data.durations = ()  # frame counts (1 + 4k) of the videos; () = (frames,)
+    c.data.image_share = 0.0  # chance that a clip is a 1-frame image (native shapes only)
+    c.data.size_multiple = 16  # native sides are multiples of this (VAE spatial stride x DiT patch)
 
     # -- models: a variant from the model file's VARIANTS table plus dataclass field overrides.
     c.vae = ml_collections.ConfigDict()
@@ -102,6 +110,12 @@ def get_config() -> ml_collections.ConfigDict:
     # (windows that start mid-clip teach extension and long rollouts: sorajax/modes.py); also
     # the default sampling length. 0: whole clips
     c.dit_train.clip_frames = 0
+    # "pack": clips of any shape packed whole into batch_size rows of pack_tokens tokens each
+    # (sorajax/packing.py: per-clip attention, noise and loss; one compiled step); "none": one
+    # shape per run (data.frames x height x width, or clip_frames windows of it)
+    c.dit_train.packing = "none"
+    c.dit_train.pack_tokens = 0  # tokens per packed row; 0 = the largest clip's token count
+    c.dit_train.pack_clips = 8  # clips (and caption slots) per packed row, at most
     c.dit_train.sample_at_end = True  # sample eval prompts into WORKDIR/samples + TensorBoard
     # >0: every N steps (and at the last) sample the world's validation prompts with the EMA
     # weights and log the world benchmark's metrics (eval/*) to metrics.jsonl and TensorBoard

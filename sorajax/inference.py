@@ -57,10 +57,16 @@ class Pipeline:
         rt, rs = self.vae_cfg.temporal_stride, self.vae_cfg.spatial_stride
         ph, pw = self.dit_cfg.patch_size[1], self.dit_cfg.patch_size[2]
         if frames < 1 or (frames - 1) % rt:
-            raise UserError(f"--frames {frames}: this model takes 1 + {rt}k frames (1, {1 + rt}, {1 + 2 * rt}, ...)")
+            lo = 1 + max(0, (frames - 1) // rt) * rt
+            near = f"{lo} or {lo + rt}" if frames > 1 else "1"
+            raise UserError(f"--frames {frames}: this model takes 1 + {rt}k frames (1, {1 + rt}, {1 + 2 * rt}, ...); "
+                            f"nearest: {near}")
         for name, v, p in (("--height", height, ph), ("--width", width, pw)):
-            if v <= 0 or v % (rs * p):
-                raise UserError(f"{name} {v}: must be a positive multiple of {rs * p} (VAE stride {rs} x patch {p})")
+            m = rs * p
+            if v <= 0 or v % m:
+                near = f"{v // m * m} or {v // m * m + m}" if v > m else f"{m}"
+                raise UserError(f"{name} {v}: must be a positive multiple of {m} (VAE stride {rs} x patch {p}); "
+                                f"nearest: {near}")
         validate.check_context_split(self.vae_cfg, self.dit_cfg, frames, height, width, self.mesh,
                                      self.config.sharding_rules, "--frames/--height/--width")
 

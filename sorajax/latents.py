@@ -2,25 +2,35 @@
 
     LATENTS_DIR/fingerprint.json         what the cache is made from (written first)
     LATENTS_DIR/parts/cC-pP-of-N.arrayrecord  chunk C's clips encoded by process P of N: one record
-                                         per clip (its index, caption and latent means)
+                                         per clip (its index, caption, [latent shape,] latent means)
     LATENTS_DIR/parts/cC-pP-of-N.json    written after its .arrayrecord: the clip indices in it
-                                         and per-channel sums (it marks the part complete)
-    LATENTS_DIR/cache.json               written last, by process 0: the parts, clip shape,
-                                         dtype and latent statistics (it marks the cache complete)
+                                         [and their latent shapes] and per-channel sums (it marks
+                                         the part complete)
+    LATENTS_DIR/cache.json               written last, by process 0: the parts, clip shape (null
+                                         for mixed shapes), dtype and latent statistics (it marks
+                                         the cache complete)
 
 Building (`build`) streams: every process reads only its rows of each global encode batch (the
 batch sharding's rows, `sharding.process_batch_rows`), the VAE encodes the global batch on every
 device of every process, and each process appends its rows' latents to its part of the chunk,
-so host memory is one encode batch whatever the dataset size. A killed build (kill -9 included)
-resumes: chunks whose parts are all complete are kept, the others are redone, with any process
-count. Multi-process builds need LATENTS_DIR on a file system every process sees (a gcsfuse
-mount on a pod).
+so host memory is one encode batch whatever the dataset size. Clips of mixed shapes (native-shape
+training: a source whose `clip_shapes` gives each clip's (T, H, W), 1-frame images included) are
+encoded in batches of one shape: the clips are ordered by (shape, index), each shape's run is cut
+into batches (the last padded with a repeat of one of its clips) and the batches are grouped into
+chunks, the same plan in every process; the records and parts of such a "native" cache carry
+each clip's latent shape (the [...] above). A killed build (kill -9 included) resumes: chunks
+whose parts are all complete are kept, the others are redone, with any process count.
+Multi-process builds need LATENTS_DIR on a file system every process sees (a gcsfuse mount on a
+pod).
 
 Reading (`LatentCache`) is random access by clip index over the array_record parts (Grain's
 ArrayRecordDataSource), whatever process count built the cache; the Grain pipeline then
 shuffles, shards by process and checkpoints its position as for any source. Captions are stored
 as text: the DiT stage tokenizes them on the fly (microseconds), so a cache serves any tokenizer
 and a trainable text encoder.
+
+The per-channel latent statistics (mean, std) are over every latent position of every clip,
+whatever its shape.
 
 A cache whose fingerprint differs from the run's (another data seed, size, frame count, clip
 count or VAE) is rebuilt, never paired with other captions.
@@ -90,15 +100,22 @@ def _read_json(path):
 # ----------------------------------------------------------------------------------------------
 # Records.
 # ----------------------------------------------------------------------------------------------
-def _record(index: int, caption: str, lat: np.ndarray) -> bytes:
-    head = json.dumps({"i": int(index), "caption": caption}).encode()
+def _record(index: int, caption: str, lat: np.ndarray, native: bool = False) -> bytes:
+    """4-byte head length, the JSON head {"i", "caption"[, "shape" in a native cache]}, then the
+    latents' bytes."""
+    head = {"i": int(index), "caption": caption}
+    if native:
+        head["shape"] = [int(d) for d in lat.shape]
+    head = json.dumps(head).encode()
     return struct.pack("<I", len(head)) + head + np.ascontiguousarray(lat).tobytes()
 
 
 def _parse(rec: bytes, shape, dtype) -> tuple[dict, np.ndarray]:
+    """(head, latents): shaped by the head's "shape" when it has one, else by `shape` (the
+    cache's single shape)."""
     (n,) = struct.unpack_from("<I", rec)
     head = json.loads(rec[4:4 + n])
-    return head, np.frombuffer(rec, dtype, offset=4 + n).reshape(shape)
+    return head, np.frombuffer(rec, dtype, offset=4 + n).reshape(head.get("shape") or shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +123,9 @@ def _parse(rec: bytes, shape, dtype) -> tuple[dict, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 class LatentCache:
     """Random-access {"latents": float32 (t, h, w, z), "caption": str} examples of a complete
-    cache directory, in clip-index order (not held in memory: read from the parts)."""
+    cache directory, in clip-index order (not held in memory: read from the parts). `shape` is
+    the clips' latent shape, None in a native (mixed-shape) cache; `clip_shapes[i]` is clip i's
+    in either."""
 
     def __init__(self, directory: str):
         meta = _read_json(os.path.join(directory, "cache.json"))
@@ -114,14 +133,21 @@ class LatentCache:
             raise UserError(f"{directory!r} is not a complete latent cache (no cache.json); build one "
                             "with `python -m sorajax.cache_latents`")
         self.directory, self.meta = directory, meta
-        self.shape = tuple(meta["shape"])  # (t, h, w, z)
+        self.native = bool(meta.get("native"))
+        self.shape = None if self.native else tuple(meta["shape"])  # (t, h, w, z)
         self.dtype = np.dtype(DTYPES[meta["dtype"]])
-        paths, self._pos = [], np.full(int(meta["num_clips"]), -1, np.int64)
+        n = int(meta["num_clips"])
+        paths, self._pos = [], np.full(n, -1, np.int64)
+        # Every clip's latent shape (t, h, w, z): from the parts in a native cache.
+        self.clip_shapes: list = [None] * n if self.native else [self.shape] * n
         offset = 0
         for name in meta["parts"]:
             part = _read_json(os.path.join(directory, "parts", name + ".json"))
             idx = np.asarray(part["indices"], np.int64)
             self._pos[idx] = offset + np.arange(len(idx))
+            if self.native:
+                for i, s in zip(part["indices"], part["shapes"]):
+                    self.clip_shapes[i] = tuple(s)
             offset += len(idx)
             paths.append(os.path.join(directory, "parts", name + ".arrayrecord"))
         if (self._pos < 0).any():
@@ -182,7 +208,11 @@ def build(config, source, mesh, out_dir: str, *, vae_provenance: str, load_vae,
     n = len(source)
     if n == 0:
         raise UserError("the dataset has no clips to encode")
+    clip_shapes = _clip_shapes(source, n)  # (n, 3) pixel shapes of a mixed-shape source, or None
+    native = clip_shapes is not None
     fp = fingerprint(config, n, vae_provenance)
+    if native:  # another layout of chunks and records: never resumed from a fixed-shape build's
+        fp["native"] = True
     key = _key(fp)
     parts_dir = os.path.join(out_dir, "parts")
     lead = jax.process_index() == 0
@@ -209,7 +239,8 @@ def build(config, source, mesh, out_dir: str, *, vae_provenance: str, load_vae,
     batch = -(-int(batch_size) // dp) * dp
     per_chunk = max(1, -(-int(shard_clips) // batch))  # batches per chunk
     chunk_clips = per_chunk * batch
-    n_chunks = -(-n // chunk_clips)
+    order, bounds = _plan(n, batch, clip_shapes)
+    n_chunks = -(-len(bounds) // per_chunk)
     done = _done_chunks(parts_dir)
     sharding.sync("sorajax:latents_listed")  # every process listed before anyone writes
     todo = [c for c in range(n_chunks) if c not in done]
@@ -231,30 +262,77 @@ def build(config, source, mesh, out_dir: str, *, vae_provenance: str, load_vae,
                 return nnx.merge(graphdef, st).encode(x)[0]
 
         fn = jax.jit(enc, out_shardings=sharding.batch_sharding(mesh, rules, 5))
-        n_batches = sum(len(range(c * chunk_clips, min((c + 1) * chunk_clips, n), batch)) for c in todo)
+        n_batches = sum(len(bounds[c * per_chunk:(c + 1) * per_chunk]) for c in todo)
         bar = tqdm(total=n_batches, desc="encode latents", unit="batch", disable=not lead)
         for c in todo:
-            _encode_chunk(fn, state, source, mesh, rules, c, chunk_clips, batch, rows, n, parts_dir,
-                          f"c{c:05d}-p{pi:03d}-of-{pc:03d}", DTYPES[dtype], bar)
+            _encode_chunk(fn, state, source, mesh, rules, order, bounds[c * per_chunk:(c + 1) * per_chunk],
+                          batch, rows, clip_shapes, parts_dir, f"c{c:05d}-p{pi:03d}-of-{pc:03d}",
+                          DTYPES[dtype], bar)
         bar.close()
     sharding.sync("sorajax:latents_encoded")
     if lead:
-        _finish(out_dir, key, fp, n, dtype)
+        _finish(out_dir, key, fp, n, dtype, native)
     sharding.sync("sorajax:latents_done")
     return LatentCache(out_dir)
 
 
-def _encode_chunk(fn, state, source, mesh, rules, c, chunk_clips, batch, rows, n, parts_dir, name,
-                  dtype, bar):
-    """This process's rows of chunk c, encoded batch by batch and appended to its part."""
-    indices, total, total_sq, count, shape = [], 0.0, 0.0, 0, None
+def _clip_shapes(source, n: int) -> np.ndarray | None:
+    """The source's `clip_shapes` ((T, H, W) per clip) as an (n, 3) int array; None without."""
+    shapes = getattr(source, "clip_shapes", None)
+    if shapes is None:
+        return None
+    if len(shapes) != n:
+        raise UserError(f"the source has {n} clips but {len(shapes)} clip_shapes")
+    try:
+        arr = np.asarray([[int(d) for d in s] for s in shapes], np.int64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.shape != (n, 3):
+        raise UserError("the source's clip_shapes must be one (frames, height, width) per clip")
+    return arr
+
+
+def _plan(n: int, batch: int, clip_shapes: np.ndarray | None):
+    """The encode batches, the same in every process: (order, bounds), batch k holding clips
+    order[bounds[k, 0]:bounds[k, 1]] (padded to `batch` by repeating its last clip; padding is
+    encoded and discarded). Chunk c is batches [c * per_chunk, (c + 1) * per_chunk).
+
+    Fixed shape: the clips in index order, cut every `batch`. Mixed shapes: the clips ordered by
+    (shape, index), each shape's run cut every `batch`, so a batch holds one shape (a chunk may
+    hold several)."""
+    if clip_shapes is None:
+        starts = np.arange(0, n, batch, dtype=np.int64)
+        return range(n), np.stack([starts, np.minimum(starts + batch, n)], 1)
+    order = np.lexsort((np.arange(n), clip_shapes[:, 2], clip_shapes[:, 1], clip_shapes[:, 0]))
+    s = clip_shapes[order]
+    cuts = np.flatnonzero((s[1:] != s[:-1]).any(1)) + 1  # where the shape changes
+    bounds = []
+    for r0, r1 in zip(np.r_[0, cuts], np.r_[cuts, n]):
+        bounds.extend((b0, min(b0 + batch, r1)) for b0 in range(int(r0), int(r1), batch))
+    return order, np.asarray(bounds, np.int64).reshape(-1, 2)
+
+
+def _encode_chunk(fn, state, source, mesh, rules, order, bounds, batch, rows, clip_shapes, parts_dir,
+                  name, dtype, bar):
+    """This process's rows of a chunk's batches (`bounds` into `order`, see _plan), encoded batch
+    by batch and appended to its part."""
+    native = clip_shapes is not None
+    indices, shapes, total, total_sq, count, shape = [], [], 0.0, 0.0, 0, None
     # The records go to a temporary sibling, renamed into place when complete (fileio.atomic_path).
     with fileio.atomic_path(os.path.join(parts_dir, name + ".arrayrecord")) as tmp:
         writer = ArrayRecordWriter(tmp, "group_size:1")
         try:
-            for b0 in range(c * chunk_clips, min((c + 1) * chunk_clips, n), batch):
-                idx = b0 + rows  # this process's rows of the global batch (clip indices; may pass n)
-                ex = [decode_example(source[int(min(i, n - 1))]) for i in idx]  # past n: padding
+            for b0, b1 in bounds:
+                clips = np.asarray(order[b0:b1], np.int64)
+                real = np.arange(batch) < len(clips)  # the rest is padding: its output is dropped
+                clips = np.concatenate([clips, np.full(batch - len(clips), clips[-1], np.int64)])
+                idx = clips[rows]  # this process's rows of the global batch (clip indices)
+                ex = [decode_example(source[int(i)]) for i in idx]
+                if native:
+                    for i, e in zip(idx, ex):
+                        if tuple(e["frames"].shape[:3]) != tuple(clip_shapes[i]):
+                            raise UserError(f"clip {int(i)} has frames of shape {e['frames'].shape[:3]} "
+                                            f"but its clip_shapes entry is {tuple(clip_shapes[i].tolist())}")
                 x = np.stack([e["frames"] for e in ex])  # (rows, T, H, W, 3)
                 out = fn(state, sharding.global_batch({"x": x}, mesh, rules, batch_size=batch)["x"])
                 local = {}
@@ -264,12 +342,13 @@ def _encode_chunk(fn, state, source, mesh, rules, c, chunk_clips, batch, rows, n
                     for r in range(data.shape[0]):
                         local.setdefault(start + r, data[r])
                 for j, i in enumerate(idx):
-                    if i >= n:
+                    if not real[rows[j]]:
                         continue
                     lat = local[int(rows[j])]
                     shape = lat.shape
-                    writer.write(_record(int(i), ex[j]["caption"], lat.astype(dtype)))
+                    writer.write(_record(int(i), ex[j]["caption"], lat.astype(dtype), native))
                     indices.append(int(i))
+                    shapes.append(list(lat.shape))
                     lat64 = lat.astype(np.float64).reshape(-1, lat.shape[-1])
                     total = total + lat64.sum(0)
                     total_sq = total_sq + np.square(lat64).sum(0)
@@ -277,13 +356,16 @@ def _encode_chunk(fn, state, source, mesh, rules, c, chunk_clips, batch, rows, n
                 bar.update(1)
         finally:
             writer.close()
-    fileio.write_json(os.path.join(parts_dir, name + ".json"), {
-        "indices": indices, "count": count, "shape": list(shape) if shape else None,
-        "sum": np.asarray(total).tolist(), "sum_sq": np.asarray(total_sq).tolist()}, indent=None)
+    part = {"indices": indices, "count": count, "shape": list(shape) if shape and not native else None,
+            "sum": np.asarray(total).tolist(), "sum_sq": np.asarray(total_sq).tolist()}
+    if native:
+        part["shapes"] = shapes  # clip indices[k]'s latent shape (t, h, w, z)
+    fileio.write_json(os.path.join(parts_dir, name + ".json"), part, indent=None)
 
 
-def _finish(out_dir, key, fp, n, dtype):
-    """cache.json from the complete parts: their order, the clip shape, per-channel mean/std."""
+def _finish(out_dir, key, fp, n, dtype, native=False):
+    """cache.json from the complete parts: their order, the clip shape (None when native: the
+    parts hold each clip's), per-channel mean/std over every latent position."""
     parts_dir = os.path.join(out_dir, "parts")
     done = _done_chunks(parts_dir)
     names, total, total_sq, count, shape, seen = [], 0.0, 0.0, 0, None, 0
@@ -292,6 +374,9 @@ def _finish(out_dir, key, fp, n, dtype):
         if not m or int(m.group(1)) not in done:
             continue
         part = _read_json(path)
+        if native != ("shapes" in part):
+            raise RuntimeError(f"latent cache {out_dir}: part {os.path.basename(path)} is "
+                               f"{'not ' if native else ''}per-clip shaped; rebuild the cache")
         names.append(os.path.basename(path)[:-len(".json")])
         seen += len(part["indices"])
         if part["count"]:
@@ -303,6 +388,8 @@ def _finish(out_dir, key, fp, n, dtype):
         raise RuntimeError(f"latent cache {out_dir}: {seen} clips in complete parts, expected {n}")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0)) + 1e-6
-    fileio.write_json(os.path.join(out_dir, "cache.json"), {
-        "key": key, "fingerprint": fp, "num_clips": n, "shape": shape, "dtype": dtype,
-        "parts": names, "mean": mean.tolist(), "std": std.tolist()})
+    meta = {"key": key, "fingerprint": fp, "num_clips": n, "shape": None if native else shape,
+            "dtype": dtype, "parts": names, "mean": mean.tolist(), "std": std.tolist()}
+    if native:
+        meta["native"] = True
+    fileio.write_json(os.path.join(out_dir, "cache.json"), meta)

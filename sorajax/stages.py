@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 
 from sorajax import checkpoint as ckpt_lib
-from sorajax import conditioning, config_base, evaluate, flops, flow, inference, latents, sharding, video_io
+from sorajax import conditioning, config_base, evaluate, flops, flow, inference, latents, packing, sharding, video_io
 from sorajax import tokenizer as tok_lib
-from sorajax.data import builders
+from sorajax.data import builders, pipeline, shapes
 from sorajax.errors import RunFailed, UserError
 from sorajax.models import video
 from sorajax.models.vae import WanVAE, latent_shape
@@ -67,6 +67,12 @@ class Stage(abc.ABC):
         """Random-access training examples (len() and [i]) for the Grain pipeline."""
 
     # -- optional hooks --------------------------------------------------------------------------
+    def iterator(self, mesh, rows, *, seed: int):
+        """The checkpointable iterator of this process's `rows` of every global batch: by
+        default, batches of source() examples through transform() (data/pipeline.py)."""
+        return pipeline.make_iterator(self.source(mesh), batch_size=self.tcfg.batch_size, seed=seed,
+                                      transform=self.transform, rows=rows)
+
     def transform(self, example: dict) -> dict:
         """Per example, before batching (host side)."""
         return example
@@ -95,6 +101,10 @@ class Stage(abc.ABC):
     def eval_every(self) -> int:
         """Steps between in-training evaluations (0: none); see evaluate()."""
         return 0
+
+    def host_metrics(self, step: int) -> dict[str, float]:
+        """Host-side figures joined to each logged row (e.g. the data's packing efficiency)."""
+        return {}
 
     def evaluate(self, state: dict, trainer: Trainer, step: int) -> dict[str, float]:
         """Metrics of the current state, logged with the step's row (keys "eval/...")."""
@@ -137,6 +147,29 @@ class VAEStage(Stage):
     def source(self, mesh):
         return builders.source(self.config.data, "train", build=False)
 
+    def train_shape(self) -> tuple[int, int, int]:
+        """(frames, height, width) the VAE trains on: data.frames x height x width, or with native
+        shapes (data.aspect_ratios) the shortest duration (or clip_frames) at the smallest native
+        height and width, cut from the centre of every clip (a fully convolutional VAE learns the
+        same from crops; images become still clips)."""
+        d = self.config.data
+        native = shapes.native_settings(d)
+        if native is None:
+            return int(self.tcfg.clip_frames) or int(d.frames), int(d.height), int(d.width)
+        sizes = shapes.all_sizes(native, d.height, d.width)
+        return (int(self.tcfg.clip_frames) or min(native["durations"]),
+                min(h for h, _ in sizes), min(w for _, w in sizes))
+
+    def transform(self, example):
+        if shapes.native_settings(self.config.data) is None:
+            return example
+        T, H, W = self.train_shape()
+        f = example["frames"]  # (t, h, w, 3)
+        if f.shape[0] < T:
+            f = np.concatenate([f] * -(-T // f.shape[0]))
+        y, x = (f.shape[1] - H) // 2, (f.shape[2] - W) // 2
+        return dict(example, frames=np.ascontiguousarray(f[:T, y:y + H, x:x + W]))
+
     def local_batch(self, batch):
         """Optionally trains on the first `clip_frames` frames: a causal VAE trained on 1 + r
         frames already sees the cached-chunk path every later chunk takes, at a fraction of the
@@ -148,10 +181,8 @@ class VAEStage(Stage):
 
     def step_flops(self):
         """Encode + decode of the batch's clips, forward and backward (3x the forward)."""
-        d = self.config.data
-        n = int(self.tcfg.clip_frames) or int(d.frames)
-        fwd = flops.vae_encode_flops(self.vae_cfg, n, d.height, d.width) + \
-            flops.vae_decode_flops(self.vae_cfg, n, d.height, d.width)
+        n, h, w = self.train_shape()
+        fwd = flops.vae_encode_flops(self.vae_cfg, n, h, w) + flops.vae_decode_flops(self.vae_cfg, n, h, w)
         return 3.0 * int(self.tcfg.batch_size) * fwd
 
     def loss(self, model, batch, key):
@@ -275,6 +306,8 @@ class DiTStage(Stage):
         self.empty_ids = np.asarray(empty_ids)[0]
         self.empty_mask = np.asarray(empty_mask)[0]
         self.latent_source = None  # latents.LatentCache once prepare() ran
+        self._max_frames = 1  # packing: the most latent frames of a clip (set by prepare)
+        self._plan = None  # packing: the PackPlan of the iterator
 
     @property
     def workdir(self):
@@ -317,6 +350,11 @@ class DiTStage(Stage):
         if "latents_mean" in ov and "latents_std" in ov:
             self.latent_source.normalize(np.asarray(ov["latents_mean"], np.float32),
                                          np.asarray(ov["latents_std"], np.float32))
+        if self.packed():
+            self._max_frames = self._pack_budget(self.latent_source)[2]
+        elif getattr(self.latent_source, "native", False):
+            raise UserError(f"the latent cache at {self.latent_source.directory!r} holds clips of "
+                            f"different shapes: train it with {self.section}.packing='pack'")
 
     def build(self, rngs):
         return video.VideoModel(*self.cfgs, rngs=rngs)
@@ -329,6 +367,33 @@ class DiTStage(Stage):
             return self.latent_source
         return builders.source(self.config.data, "train", build=False)
 
+    # -- packing (dit_train.packing="pack": sorajax/packing.py) ---------------------------------
+    def packed(self) -> bool:
+        return self.tcfg.packing == "pack"
+
+    def _pack_budget(self, src) -> tuple[packing.Budget, list[int], int]:
+        """(budget, tokens per clip, most latent frames of a clip) of the latent cache `src`."""
+        patch = self.cfgs[1].patch_size
+        shapes = src.clip_shapes
+        sizes = [packing.clip_tokens(s, patch) for s in shapes]
+        tokens = int(self.tcfg.pack_tokens) or max(sizes)
+        budget = packing.Budget(rows=int(self.tcfg.batch_size), tokens=tokens, max_clips=int(self.tcfg.pack_clips))
+        return budget, sizes, max(int(s[0]) // patch[0] for s in shapes)
+
+    def iterator(self, mesh, rows, *, seed):
+        if not self.packed():
+            return super().iterator(mesh, rows, seed=seed)
+        src = self.source(mesh)
+        budget, sizes, _ = self._pack_budget(src)
+        try:
+            plan = self._plan = packing.PackPlan(packing.Packer(sizes, budget, seed=seed))
+        except ValueError as e:
+            raise UserError(f"{self.section}.pack_tokens={self.tcfg.pack_tokens}: {e}") from None
+        patch, L = self.cfgs[1].patch_size, int(self.config.text.max_length)
+        pack_fn = lambda exs: packing.pack(exs, budget.tokens, budget.max_clips, patch,
+                                           self.empty_ids[:L], self.empty_mask[:L])
+        return pipeline.make_packed_iterator(src, plan, rows=rows, transform=self.transform, pack_fn=pack_fn)
+
     def transform(self, example):
         ids, mask = self.tokenizer.encode([builders.decode_text(example["caption"])],
                                           self.config.text.max_length)[:2]
@@ -337,6 +402,12 @@ class DiTStage(Stage):
         return example
 
     def loss(self, model, batch, key):
+        if self.packed():
+            rates = conditioning.rates(self.tcfg) if conditioning.enabled(self.tcfg) else None
+            return packing.packed_flow_loss(
+                model, batch, key, flow_cfg=self.config.flow, text_dropout=float(self.tcfg.text_dropout),
+                empty_ids=self.empty_ids, empty_mask=self.empty_mask, cond_rates=rates,
+                max_frames=self._max_frames)
         k_drop, k_sigma, k_noise = jax.random.split(key, 3)
         if "latents" in batch:  # precomputed by the frozen VAE (prepare)
             x0 = batch["latents"]  # (B, t, h, w, z)
@@ -380,9 +451,15 @@ class DiTStage(Stage):
     def step_flops(self):
         """DiT forward + backward on its window, the text encoder (backward too when trained),
         and the frozen VAE's encode of whole clips when latents are not precomputed
-        (flops.dit_train_step_flops)."""
+        (flops.dit_train_step_flops). Packed: each row as computed -- pack_tokens tokens against
+        pack_clips captions, padding and the masked cross-clip attention included."""
         vae_cfg, dit_cfg, text_cfg = self.cfgs
         d, b = self.config.data, int(self.tcfg.batch_size)
+        if self.packed() and self.latent_source is not None:
+            budget, _, _ = self._pack_budget(self.latent_source)
+            L, K = int(self.config.text.max_length), budget.max_clips
+            text = flops.text_forward_flops(text_cfg, L) * K * (3.0 if self.config.text.trainable else 1.0)
+            return b * (3.0 * flops.dit_forward_flops(dit_cfg, budget.tokens, K * L) + text)
         shape = latent_shape(vae_cfg, video.window_frames(self.config), int(d.height), int(d.width))[:3]  # (t, h, w)
         total = flops.dit_train_step_flops(dit_cfg, text_cfg, b, shape, int(self.config.text.max_length),
                                            bool(self.config.text.trainable))
@@ -414,6 +491,13 @@ class DiTStage(Stage):
 
     def eval_every(self):
         return int(self.tcfg.eval_every)
+
+    def host_metrics(self, step):
+        """Packed: real tokens / token budget over every batch of the run so far (the per-step
+        figure is the step's own `packing_efficiency`)."""
+        if self._plan is None or step < 1:
+            return {}
+        return {"packing_efficiency_mean": self._plan.efficiency(step)}
 
     def evaluate(self, state, trainer, step):
         """The world benchmark (sorajax.evaluate) on the first `eval_prompts` validation prompts,

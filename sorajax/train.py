@@ -135,9 +135,7 @@ def run_stage(stage: stages.Stage, config, mesh) -> dict:
     # the data at each step does not depend on the process count or the mesh (and neither does
     # the iterator state saved with checkpoints). Batch sizes were checked in validate_mesh.
     rows = sharding.process_batch_rows(mesh, trainer.rules, tcfg.batch_size)
-    it = pipeline.make_iterator(stage.source(mesh), batch_size=tcfg.batch_size,
-                                seed=config.seed + stage.data_seed_offset,
-                                transform=stage.transform, rows=rows)
+    it = stage.iterator(mesh, rows, seed=config.seed + stage.data_seed_offset)
 
     abstract = trainer.abstract_target()
     restored = ckpt.restore_latest_good({
@@ -205,6 +203,8 @@ def run_stage(stage: stages.Stage, config, mesh) -> dict:
                     now = time.time()
                 t_last, s_last = now, step
                 bad_run = int(jax.device_get(state["train"]["nonfinite_in_a_row"]))
+                host["step_traces"] = trainer.traces  # > 1: batch shapes changed and the step recompiled
+                host.update(stage.host_metrics(step))
                 if step_flops:
                     host["model_tflops_per_sec"] = step_flops * sps / 1e12
                     if peak:

@@ -73,6 +73,7 @@ class Trainer:
             "train": jax.tree.map(lambda _: rep, self.abstract["train"]),
         }
         self._step = None
+        self.traces = 0  # times the step was traced: 1 unless batch shapes change (logged as step_traces)
 
     # -- init ----------------------------------------------------------------------------------
     def _init_fn(self):
@@ -174,6 +175,7 @@ class Trainer:
         if self._step is None:
             rep = sharding.replicated(self.mesh)
             def traced(state, batch):  # activation shardings follow the config's rules
+                self.traces += 1  # at trace time only: a new batch shape (a recompile) counts
                 with sharding.activation_rules(self.mesh, self.rules):
                     return self._step_fn(state, batch)
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from sorajax import conditioning, config_base, sampler, sharding
 from sorajax.data import world as world_lib
+from sorajax.data import shapes
 from sorajax.errors import UserError
 from sorajax.models import dit as dit_lib
 from sorajax.models import video
@@ -131,6 +132,31 @@ def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
         pt = video.model_configs(config)[1].patch_size[0]
         _need(total == 0 or pt == 1, f"{name}.cond_rates", dict(t.cond_rates),
               f"conditioning masks give whole latent frames: they need a DiT temporal patch of 1, not {pt}")
+        _need(t.packing in ("none", "pack"), f"{name}.packing", t.packing,
+              "must be 'pack' (clips of any shape packed into token budgets) or 'none' (one shape)")
+        for k, lo in (("pack_tokens", 0), ("pack_clips", 1)):
+            _need(is_int(t[k]) and t[k] >= lo, f"{name}.{k}", t[k], f"must be an integer >= {lo}")
+        if t.packing == "pack":
+            _need(d.source == "latents" or config.vae.precompute_latents, f"{name}.packing", t.packing,
+                  "packs precomputed latents: set vae.precompute_latents=True or data.source='latents'")
+            _need(not t.clip_frames, f"{name}.clip_frames", t.clip_frames,
+                  "packing trains on whole clips (data.durations sets their lengths): set it to 0")
+        else:
+            _need(shapes.native_settings(d) is None, "data.aspect_ratios", tuple(d.aspect_ratios),
+                  f"clips of different shapes train packed: set {name}.packing='pack' (or aspect_ratios=())")
+
+
+def _validate_native(d, rt: int, multiple: int) -> None:
+    """data.aspect_ratios / durations / image_share / size_multiple (native shapes)."""
+    _need(is_int(d.size_multiple) and d.size_multiple >= 1 and d.size_multiple % multiple == 0,
+          "data.size_multiple", d.size_multiple,
+          f"must be a multiple of {multiple} (VAE spatial compression x DiT patch)")
+    _need(isinstance(d.aspect_ratios, (tuple, list)) and all(is_num(a) and a > 0 for a in d.aspect_ratios),
+          "data.aspect_ratios", d.aspect_ratios, "must be a tuple of width/height ratios > 0")
+    _need(isinstance(d.durations, (tuple, list)) and all(is_int(f) and f >= 1 and (f - 1) % rt == 0
+                                                        for f in d.durations),
+          "data.durations", d.durations, f"must be a tuple of frame counts 1 + {rt}k")
+    _need(is_num(d.image_share) and 0 <= d.image_share <= 1, "data.image_share", d.image_share, "must be in [0, 1]")
 
 
 def validate(config, data: bool = True) -> None:
@@ -167,6 +193,9 @@ def validate(config, data: bool = True) -> None:
               f"must be divisible by {rs * p} (VAE spatial compression {rs} x DiT patch {p})")
     _need((1 + (d.frames - 1) // rt) % pt == 0, "data.frames", d.frames,
           f"gives {1 + (d.frames - 1) // rt} latent frames, not divisible by the DiT temporal patch {pt}")
+    _validate_native(d, rt, rs * max(ph, pw))
+    _need(not tuple(d.aspect_ratios) or d.source == "world", "data.aspect_ratios", tuple(d.aspect_ratios),
+          "native shapes are drawn by the synthetic world (data.source='world')")
     for stage in stages:
         _validate_stage(config, stage, rt, num_train)
     if "dit" in stages:

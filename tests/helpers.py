@@ -97,11 +97,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def tiny_text_dit(vocab_size: int = 64):
+def tiny_text_dit(vocab_size: int = 64, **dit_overrides):
     """(graphdef, state, dit_cfg): a 1-layer DiT + text encoder from the toy config in a
     VideoModel without its VAE (latent-space sampler tests never decode, and building even the
     toy VAE op by op takes tens of seconds on CPU), every parameter re-randomised (zero-initialised
-    output heads would hide the prompt and the inputs)."""
+    output heads would hide the prompt and the inputs). `dit_overrides`: DiTConfig fields."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -112,7 +112,8 @@ def tiny_text_dit(vocab_size: int = 64):
 
     cfg = toy_config()
     with cfg.unlocked():
-        cfg.dit.overrides = dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, freq_dim=16)
+        cfg.dit.overrides = dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, freq_dim=16,
+                                 **dit_overrides)
         cfg.text.overrides = dict(num_layers=1, d_model=32, d_kv=8, num_heads=4, d_ff=64)
     _, dit_cfg, text_cfg = video.model_configs(cfg, vocab_size=vocab_size)
 

@@ -131,6 +131,57 @@ def test_unknown_variant():
 
 
 # ----------------------------------------------------------------------------------------------
+# Packed sequences: segment ids shard with the tokens (ring: the kv ids travel with their block).
+# ----------------------------------------------------------------------------------------------
+# 64 tokens (12 and 7 padding, id 0): clips straddle the shards (8 or 16 tokens per device) and
+# the blocks of 4, so whole k/v shards and blocks are masked for some queries.
+CP_PACKINGS = [[(1, 13), (2, 30), (3, 9)], [(4, 40), (1, 17)]]
+CP_KV_PACKINGS = [[(3, 20), (1, 6), (2, 25)], [(1, 9), (4, 50)]]  # the same clips laid out otherwise
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mesh_name", ["context8", "data2_context4"])
+def test_context_parallel_packed_matches_per_clip(mesh_name, variant):
+    """Keys packed differently from the queries (as cross-attention would): the kv ids must
+    travel with their k/v (ring) or be gathered as kv ids (all_to_all), not stand in for q's."""
+    from tests.test_attention import packed_ids, packed_vs_per_clip
+
+    sizes, batch_axes, head_axes = MESHES[mesh_name]
+    mesh = make_mesh(**sizes)
+    spec = P(batch_axes, "context", head_axes, None)
+    q, k, v = (jax.device_put(x, NamedSharding(mesh, spec)) for x in inputs(2, 64, 8, 8)[:3])
+    q_ids, kv_ids = packed_ids(CP_PACKINGS, 64), packed_ids(CP_KV_PACKINGS, 64)
+    attn = functools.partial(context_parallel_attention, mesh=mesh, variant=variant,
+                             batch_axes=batch_axes, head_axes=head_axes, block_q=4, block_k=4)
+    err, grad_errs, finite = packed_vs_per_clip(attn, q, k, v, q_ids, kv_ids)
+    assert max(err, *grad_errs) < TOL and finite, dict(zip(("o", "dq", "dk", "dv"), (err, *grad_errs)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_self_attention_packed_under_rules(variant):
+    """The model's entry point on an fsdp=2 x context=4 mesh: segment ids sharded like the tokens
+    (batch, length), all_to_all's local kernel (backend "xla": a segment mask) gets the gathered
+    ids; kv ids default to the q ids."""
+    from sorajax import sharding
+    from sorajax.models import attention
+    from tests.test_attention import packed_ids, packed_vs_per_clip
+
+    mesh = sharding.make_mesh(dict(fsdp=2, context=4))
+
+    def attn(q, k, v, q_segment_ids, kv_segment_ids):
+        with sharding.activation_rules(mesh, sharding.normalize_rules(None)):
+            return attention.self_attention(q, k, v, backend="xla", context_parallel=variant,
+                                            q_segment_ids=q_segment_ids)
+
+    q, k, v, _ = inputs(2, 64, 8, 8, seed=1)
+    ids = packed_ids(CP_PACKINGS, 64)
+    lowered = jax.jit(attn).lower(q, k, v, ids, ids).as_text()  # still context-parallel
+    assert ("collective_permute" if variant == "ring" else "all_to_all") in lowered
+    err, grad_errs, finite = packed_vs_per_clip(attn, q, k, v, ids, ids)
+    assert max(err, *grad_errs) < TOL and finite, dict(zip(("o", "dq", "dk", "dv"), (err, *grad_errs)))
+
+
+# ----------------------------------------------------------------------------------------------
 # Context parallelism never switches itself off: tokens that do not split are an error.
 # ----------------------------------------------------------------------------------------------
 def _self_attention_under_rules(mesh, variant="ring"):

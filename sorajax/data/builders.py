@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 
+from sorajax.data import shapes
 from sorajax.data import world as world_lib
 from sorajax.errors import UserError
 
@@ -44,15 +45,26 @@ class WorldBuilderConfig(tfds.core.BuilderConfig):
     num_eval: int = 64
     seed: int = 0
     world_json: str = "{}"  # extra WorldConfig kwargs (sorted JSON), part of the name via a hash
+    native_json: str = ""  # native-shape settings (shapes.native_settings, sorted JSON); "" = none
 
     def world_config(self) -> world_lib.WorldConfig:
         kw = json.loads(self.world_json)
         return world_lib.WorldConfig.from_dict(
             dict(kw, frames=self.frames, height=self.height, width=self.width))
 
+    @property
+    def native(self) -> dict | None:
+        return json.loads(self.native_json) if self.native_json else None
+
+    def clip_shape(self, split: str, index: int) -> tuple[int, int, int]:
+        """(frames, height, width) of clip `index` of `split`."""
+        if not self.native_json:
+            return self.frames, self.height, self.width
+        return shapes.world_clip_shape(clip_seed(self.seed, split, index), self.native, self.height, self.width)
+
 
 def make_config(*, frames: int, height: int, width: int, num_train: int, num_eval: int,
-                seed: int = 0, **world_kwargs) -> WorldBuilderConfig:
+                seed: int = 0, native: dict | None = None, **world_kwargs) -> WorldBuilderConfig:
     """A BuilderConfig whose name encodes every setting (readable parts + a hash of the rest)."""
     # Validate (and normalise) the world kwargs by building a WorldConfig.
     wc = world_lib.WorldConfig.from_dict(
@@ -61,13 +73,14 @@ def make_config(*, frames: int, height: int, width: int, num_train: int, num_eva
     world_json = json.dumps({k: v for k, v in sorted(full.items())
                              if k not in ("frames", "height", "width")}, sort_keys=True)
     digest = hashlib.sha1(world_json.encode()).hexdigest()[:8]
+    native_json = json.dumps(native, sort_keys=True) if native else ""
     name = (f"f{frames}_{height}x{width}_n{num_train}-{num_eval}_s{seed}"
             f"_obj{wc.min_objects}-{wc.max_objects}_occ{int(round(100 * wc.occluder_prob))}"
-            f"_{digest}")
+            f"_{digest}" + (f"_native{hashlib.sha1(native_json.encode()).hexdigest()[:8]}" if native else ""))
     return WorldBuilderConfig(
-        name=name, description=f"synthetic world clips {frames}x{height}x{width}",
+        name=name, description=f"synthetic world clips {frames}x{height}x{width}" + (" (native shapes)" if native else ""),
         frames=frames, height=height, width=width, num_train=num_train, num_eval=num_eval,
-        seed=seed, world_json=world_json)
+        seed=seed, world_json=world_json, native_json=native_json)
 
 
 def clip_seed(seed: int, split: str, index: int) -> int:
@@ -78,10 +91,11 @@ def clip_seed(seed: int, split: str, index: int) -> int:
 
 def clip_features(c, **extra) -> tfds.features.FeaturesDict:
     """The features every sorajax clip dataset has, so one pipeline reads them all: uint8 frames
-    (zlib) of the config's clip shape, the caption, a JSON `meta` string; plus `extra`."""
+    (zlib) of the config's clip shape (any shape with native shapes), the caption, a JSON `meta`
+    string; plus `extra`."""
+    shape = (None, None, None, 3) if getattr(c, "native_json", "") else (c.frames, c.height, c.width, 3)
     return tfds.features.FeaturesDict({
-        "frames": tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3), dtype=np.uint8,
-                                       encoding="zlib"),
+        "frames": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="zlib"),
         "caption": tfds.features.Text(),
         "meta": tfds.features.Text(),
         **extra,
@@ -118,7 +132,8 @@ class World(tfds.core.GeneratorBasedBuilder):
         wc = c.world_config()
         for i in range(num):
             s = clip_seed(c.seed, split, i)
-            clip = world_lib.generate_clip(s, wc)
+            f, h, w = c.clip_shape(split, i)
+            clip = world_lib.generate_clip(s, dataclasses.replace(wc, frames=f, height=h, width=w))
             yield i, {"frames": clip["frames"], "caption": clip["caption"],
                       "meta": world_lib.meta_to_json(clip["meta"]), "seed": s}
 
@@ -199,10 +214,29 @@ def decode_example(ex: dict[str, Any]) -> dict[str, Any]:
 def world_kwargs(data_cfg) -> dict[str, Any]:
     """build_world/load_source keyword arguments from a config's `data` section."""
     d = data_cfg
-    return dict(frames=d.frames, height=d.height, width=d.width, num_train=d.num_train,
-                num_eval=d.num_eval, seed=d.seed, min_objects=d.min_objects,
-                max_objects=d.max_objects, occluder_prob=d.occluder_prob,
-                two_tone_prob=d.two_tone_prob)
+    kw = dict(frames=d.frames, height=d.height, width=d.width, num_train=d.num_train,
+              num_eval=d.num_eval, seed=d.seed, min_objects=d.min_objects,
+              max_objects=d.max_objects, occluder_prob=d.occluder_prob,
+              two_tone_prob=d.two_tone_prob)
+    native = shapes.native_settings(d)
+    return dict(kw, native=native) if native else kw
+
+
+class ShapedSource:
+    """A random-access source whose clips differ in shape, with `clip_shapes`: the (frames,
+    height, width) of every clip, known without decoding it (the latent cache groups its encode
+    batches by shape; the packer sizes its rows by them)."""
+
+    def __init__(self, source, clip_shapes):
+        self.source, self.clip_shapes = source, [tuple(int(v) for v in s) for s in clip_shapes]
+        if len(self.clip_shapes) != len(source):
+            raise ValueError(f"{len(self.clip_shapes)} shapes for {len(source)} clips")
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return self.source[i]
 
 
 def world_source(data_cfg, split: str, *, build: bool):
@@ -215,7 +249,11 @@ def world_source(data_cfg, split: str, *, build: bool):
         except OSError as e:
             raise UserError(f"data.data_dir={data_cfg.data_dir!r}: cannot build the dataset there "
                             f"({e.strerror or e})") from None
-    return load_source(data_cfg.data_dir, split, **kw)
+    src = load_source(data_cfg.data_dir, split, **kw)
+    if "native" not in kw:
+        return src
+    cfg = make_config(**kw)
+    return ShapedSource(src, [cfg.clip_shape(split, i) for i in range(len(src))])
 
 
 def captions(source) -> list[str]:

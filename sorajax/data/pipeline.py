@@ -162,6 +162,21 @@ def make_iterator(source, *, batch_size: int, seed: int, shuffle: bool = True,
     return iter(it_ds)
 
 
+def make_packed_iterator(source, plan, *, rows, transform, pack_fn, num_threads: int = 2,
+                         prefetch: int = 8) -> grain.DatasetIterator:
+    """A checkpointable iterator of this process's rows of packed global batches
+    (sorajax/packing.py): `plan[i]` lists, per row of global batch i, the source indices packed
+    into it (the same plan in every process); this process reads its `rows` of each, decodes and
+    transforms their examples and calls `pack_fn(rows of examples) -> batch dict`."""
+    rows = [int(r) for r in rows]
+
+    def _read(batch_rows):
+        return pack_fn([[transform(decode_example(source[int(j)])) for j in batch_rows[r]] for r in rows])
+
+    ds = grain.MapDataset.source(plan).map(_read)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+
+
 def get_state(it: grain.DatasetIterator) -> dict[str, Any]:
     """The iterator's position as a JSON-serialisable dict."""
     state = it.get_state()

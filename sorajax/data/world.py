@@ -293,7 +293,9 @@ def generate_clip(seed: int, cfg: WorldConfig | None = None) -> dict[str, Any]:
 # Captions
 # ----------------------------------------------------------------------------------------------
 
-def _object_phrase(o: dict[str, Any]) -> str:
+def _object_phrase(o: dict[str, Any], image: bool = False) -> str:
+    if image:  # a 1-frame clip shows no motion: its caption names none
+        return f"a {o['size']} {o['color']} {o['shape']}"
     verb = "stays still" if o["motion"] == "still" else f"moves {o['motion']}"
     return f"a {o['size']} {o['color']} {o['shape']} {verb}"
 
@@ -301,9 +303,10 @@ def _object_phrase(o: dict[str, Any]) -> str:
 def caption_from_meta(meta: dict[str, Any]) -> str:
     """The caption grammar, from ground truth (or a spec):
     OBJ [, OBJ]* [and OBJ] [behind a gray wall] on a BG [and BG] background, with
-    OBJ = "a SIZE COLOR SHAPE (moves DIR | stays still)". E.g.
-    "a large red circle moves right behind a gray wall on a black background"."""
-    phrases = [_object_phrase(o) for o in meta["objects"]]
+    OBJ = "a SIZE COLOR SHAPE (moves DIR | stays still)" ("a SIZE COLOR SHAPE" in a 1-frame
+    image). E.g. "a large red circle moves right behind a gray wall on a black background"."""
+    image = meta.get("frames") == 1
+    phrases = [_object_phrase(o, image) for o in meta["objects"]]
     if len(phrases) == 1:
         text = phrases[0]
     else:

@@ -14,6 +14,15 @@ cuDNN want, so no transposes). Backends (`DiTConfig.attention`):
 A backend unavailable on the running platform (cudnn off GPU or in f32, splash off TPU) falls
 back to "flash" with a one-time warning naming the reason and the fallback.
 
+Packed sequences (NaViT): every entry point takes optional `q_segment_ids` (B, Nq) and
+`kv_segment_ids` (B, Nk) int32, and a query attends to a key iff their ids are equal (several
+clips in one token row; cross-attention keys = the clips' captions with their clips' ids). The
+ids are only compared (padding is whatever id the caller gives it); a query with no matching key
+gets a finite, meaningless output. xla builds a (B, 1, Nq, Nk) mask, flash and ring mask blocks,
+all_to_all gathers the ids for its local kernel, splash uses its kernel's SegmentIds; "cudnn"
+and "auto" (jax.nn.dot_product_attention, no segment ids) fall back to "flash" with a one-time
+warning. Without segment ids every path is the unmasked one.
+
 Context parallelism: when the active mesh (sharding.activation_rules) shards the "length"
 logical axis (default: the "context" mesh axis) over more than one device, self-attention runs
 as `context_parallel` = "ring" (k/v blocks travel around the ring; online softmax) or
@@ -49,25 +58,35 @@ def _warn_once(key: str, msg: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# Local (per-device or unsharded) kernels: (B, Nq, H, D), (B, Nk, H, D) -> (B, Nq, H, D)
+# Local (per-device or unsharded) kernels: (B, Nq, H, D), (B, Nk, H, D) -> (B, Nq, H, D), each
+# callable as fn(q, k, v, q_segment_ids=None, kv_segment_ids=None) with ids (B, Nq), (B, Nk).
 # ----------------------------------------------------------------------------------------------
-def _xla(q, k, v, scale, mask=None):
+def _segment_mask(q_segment_ids, kv_segment_ids):
+    """(B, 1, Nq, Nk) bool: query and key in the same segment."""
+    return q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+
+
+def _xla(q, k, v, scale, mask=None, q_segment_ids=None, kv_segment_ids=None):
+    if q_segment_ids is not None:
+        seg = _segment_mask(q_segment_ids, kv_segment_ids)
+        mask = seg if mask is None else jnp.logical_and(mask, seg)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
 
-def _flash(q, k, v, scale):
+def _flash(q, k, v, scale, q_segment_ids=None, kv_segment_ids=None):
     from sorajax.models.context_parallel import flash_attention
 
-    return flash_attention(q, k, v, scale=scale)
+    return flash_attention(q, k, v, scale=scale, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
 
 
 def _splash_block(n: int) -> int:
     return 512 if n >= 512 else 128
 
 
-def _splash(q, k, v, scale):
+def _splash(q, k, v, scale, q_segment_ids=None, kv_segment_ids=None):
     """Pallas splash attention (TPU). Pads Nq/Nk to the kernel block; segment id 1 marks padding
-    so real queries never attend to padded keys. Softmax scale is folded into q."""
+    so real queries never attend to padded keys. With per-example segment ids (packing) the
+    padding gets an id below every real one. Softmax scale is folded into q."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -78,18 +97,26 @@ def _splash(q, k, v, scale):
     qh = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pq), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     kh = jnp.pad(k, ((0, 0), (0, pk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # (B, H, Nk', D)
     vh = jnp.pad(v, ((0, 0), (0, pk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    seg = sk.SegmentIds(q=(jnp.arange(nq + pq) >= nq).astype(jnp.int32),
-                        kv=(jnp.arange(nk + pk) >= nk).astype(jnp.int32))
     blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                            block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
     mask = sm.MultiHeadMask([sm.FullMask((nq + pq, nk + pk)) for _ in range(H)])
     kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks)
-    o = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=seg))(qh, kh, vh)  # (B, H, Nq', D)
+    if q_segment_ids is None:
+        seg = sk.SegmentIds(q=(jnp.arange(nq + pq) >= nq).astype(jnp.int32),
+                            kv=(jnp.arange(nk + pk) >= nk).astype(jnp.int32))
+        o = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=seg))(qh, kh, vh)  # (B, H, Nq', D)
+    else:
+        pad_id = jnp.minimum(q_segment_ids.min(), kv_segment_ids.min()) - 1  # no real token has it
+        qs = jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, pq)), constant_values=pad_id)
+        ks = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, pk)), constant_values=pad_id)
+        o = jax.vmap(lambda a, b, c, i, j: kernel(a, b, c, segment_ids=sk.SegmentIds(q=i, kv=j)))(
+            qh, kh, vh, qs, ks)  # (B, H, Nq', D)
     return o.transpose(0, 2, 1, 3)[:, :nq]
 
 
-def _resolve(backend: str, dtype) -> str:
-    """The backend that will really run on this platform/dtype (with a one-time warning)."""
+def _resolve(backend: str, dtype, segments: bool = False) -> str:
+    """The backend that will really run on this platform/dtype, with segment ids when
+    `segments` (with a one-time warning)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
     platform = _platform()
@@ -101,6 +128,11 @@ def _resolve(backend: str, dtype) -> str:
         _warn_once(f"cudnn:{platform}:{jnp.dtype(dtype)}",
                    f"attention backend 'cudnn' needs an NVIDIA GPU and bf16/fp16 (running on {platform}, "
                    f"{jnp.dtype(dtype)}); falling back to '{FALLBACK}' (blockwise attention in plain JAX)")
+        return FALLBACK
+    if segments and backend in ("cudnn", "auto"):
+        _warn_once(f"{backend}:segments", f"attention backend {backend!r} (jax.nn.dot_product_attention) "
+                   f"takes no segment ids for packed sequences; falling back to '{FALLBACK}' "
+                   f"(blockwise attention in plain JAX)")
         return FALLBACK
     return backend
 
@@ -122,26 +154,45 @@ def _local_fn(backend: str, scale):
     if backend == "splash":
         return functools.partial(_splash, scale=scale)
     impl = {"cudnn": "cudnn", "auto": None}[backend]
-    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+
+    def fused(q, k, v, q_segment_ids=None, kv_segment_ids=None):
+        if q_segment_ids is not None:  # _resolve sends packed attention to FALLBACK
+            raise ValueError(f"attention backend {backend!r} takes no segment ids")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+    return fused
+
+
+def _segments(q_segment_ids, kv_segment_ids):
+    """Both None, or both as int32 (raises when only one is given)."""
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids go together: give both or neither")
+    if q_segment_ids is None:
+        return None, None
+    return jnp.asarray(q_segment_ids, jnp.int32), jnp.asarray(kv_segment_ids, jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------
-def dot_product_attention(q, k, v, *, backend: str = "xla", mask=None, scale: float | None = None):
+def dot_product_attention(q, k, v, *, backend: str = "xla", mask=None, scale: float | None = None,
+                          q_segment_ids=None, kv_segment_ids=None):
     """Softmax attention without context parallelism. q: (B, Nq, H, D), k/v: (B, Nk, H, D).
 
     mask: optional bool array broadcastable to (B, H, Nq, Nk); True = attend (xla only).
     scale: logits scale, default 1/sqrt(D).
+    q_segment_ids (B, Nq) / kv_segment_ids (B, Nk) int: packed sequences (both or neither); a
+    query attends to a key iff their ids are equal (ANDed with `mask` when both are given).
     """
-    backend = _resolve(backend, q.dtype)
+    qs, ks = _segments(q_segment_ids, kv_segment_ids)
+    backend = _resolve(backend, q.dtype, qs is not None)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    segs = {} if qs is None else dict(q_segment_ids=qs, kv_segment_ids=ks)
     if mask is not None:
-        return _xla(q, k, v, scale, mask)
+        return _xla(q, k, v, scale, mask, **segs)
     fn = _local_fn(backend, scale)
     if backend == "splash":
-        return _in_shard_map(fn, q, k, v, seq_sharded=False)
-    return fn(q, k, v)
+        return _in_shard_map(fn, q, k, v, seq_sharded=False, segments=(qs, ks))
+    return fn(q, k, v, **segs)
 
 
 def _spec_axes(spec, dims) -> tuple[str, ...]:
@@ -191,39 +242,57 @@ def _specs(q_shape):
     return tuple(spec) + (None,) * (4 - len(spec)) if spec is not None else (None,) * 4
 
 
-def _in_shard_map(fn, q, k, v, *, seq_sharded: bool):
-    """Runs a per-device kernel (Pallas: not auto-partitionable) over batch/head shards."""
+def _in_shard_map(fn, q, k, v, *, seq_sharded: bool, segments=(None, None)):
+    """Runs a per-device kernel (Pallas: not auto-partitionable) over batch/head shards, with
+    optional segment ids `segments` = (q ids (B, Nq), kv ids (B, Nk))."""
     mesh, _ = sharding.active()
+    qs, ks = segments
+    segs = {} if qs is None else dict(q_segment_ids=qs, kv_segment_ids=ks)
     if mesh is None or mesh.size == 1:
-        return fn(q, k, v)
+        return fn(q, k, v, **segs)
     b, s, h, _ = _specs(q.shape)
-    spec = jax.sharding.PartitionSpec(b, s if seq_sharded else None, h, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)(q, k, v)
+    P = jax.sharding.PartitionSpec
+    spec = P(b, s if seq_sharded else None, h, None)
+    if qs is None:
+        return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                             check_vma=False)(q, k, v)
+    seg_spec = P(b, s if seq_sharded else None)
+
+    def packed(q, k, v, qs, ks):
+        return fn(q, k, v, q_segment_ids=qs, kv_segment_ids=ks)
+    return jax.shard_map(packed, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, seg_spec),
+                         out_specs=spec, check_vma=False)(q, k, v, qs, ks)
 
 
 def self_attention(q, k, v, *, backend: str = "xla", context_parallel: str = "ring",
-                   scale: float | None = None):
+                   scale: float | None = None, q_segment_ids=None, kv_segment_ids=None):
     """Self-attention over the (possibly sequence-sharded) token axis.
 
     Under sharding.activation_rules with the "length" axis split over c > 1 devices this is
     context-parallel (`context_parallel` = "ring" | "all_to_all"); otherwise it is
     dot_product_attention with `backend`. Raises ValueError when the rules split "length" over
     c > 1 devices but the token count N is not a multiple of c.
+    q_segment_ids (B, N) int: packed clips, a token attends to the tokens of its own id;
+    kv_segment_ids defaults to q_segment_ids (give it only if the keys' ids differ).
     """
     if context_parallel not in CONTEXT_PARALLEL:
         raise ValueError(f"unknown context_parallel {context_parallel!r}; choose from {CONTEXT_PARALLEL}")
-    backend = _resolve(backend, q.dtype)
+    if kv_segment_ids is None:
+        kv_segment_ids = q_segment_ids
+    qs, ks = _segments(q_segment_ids, kv_segment_ids)
+    backend = _resolve(backend, q.dtype, qs is not None)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mesh, _ = sharding.active()
     _check_tokens_split(q.shape)
     b, s, h, _ = _specs(q.shape)
     if mesh is None or s is None:
-        return dot_product_attention(q, k, v, backend=backend, scale=scale)
+        return dot_product_attention(q, k, v, backend=backend, scale=scale, q_segment_ids=qs,
+                                     kv_segment_ids=ks)
     from sorajax.models.context_parallel import context_parallel_attention
 
     # Ring attention uses its own blockwise kernel per ring step; all-to-all runs `backend` on
     # the full sequence of its heads/c heads.
     attend = _local_fn(backend, scale) if context_parallel == "all_to_all" else None
     return context_parallel_attention(q, k, v, mesh=mesh, variant=context_parallel, seq_axis=s,
-                                      batch_axes=b, head_axes=h, scale=scale, attend=attend)
+                                      batch_axes=b, head_axes=h, scale=scale, attend=attend,
+                                      q_segment_ids=qs, kv_segment_ids=ks)

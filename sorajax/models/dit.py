@@ -88,6 +88,25 @@ def param_count(model) -> int:
 # ----------------------------------------------------------------------------------------------
 # Timestep embedding and 3D RoPE (norms and dense layers: sorajax/models/layers.py)
 # ----------------------------------------------------------------------------------------------
+def patchify(x, patch):
+    """(B, F, H, W, C) -> (B, N, pt*ph*pw*C): tokens in (f, h, w) order, each patch vector in
+    (pt, ph, pw, C) order (Conv3d with kernel = stride = patch, flattened). numpy or jax."""
+    B, F, H, W, C = x.shape
+    pt, ph, pw = patch
+    f, h, w = F // pt, H // ph, W // pw
+    tok = x.reshape(B, f, pt, h, ph, w, pw, C).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    return tok.reshape(B, f * h * w, pt * ph * pw * C)
+
+
+def unpatchify(tok, fhw, patch):
+    """patchify's inverse: (B, N, pt*ph*pw*C) of a (f, h, w) token grid -> (B, F, H, W, C)."""
+    (f, h, w), (pt, ph, pw) = fhw, patch
+    B = tok.shape[0]
+    c = tok.shape[-1] // (pt * ph * pw)
+    out = tok.reshape(B, f, h, w, pt, ph, pw, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return out.reshape(B, f * pt, h * ph, w * pw, c)
+
+
 def timestep_embedding(t, dim, max_period=10000.0):
     """Sinusoidal embedding, diffusers Timesteps(flip_sin_to_cos=True, shift=0): (...) -> (..., dim)."""
     half = dim // 2
@@ -158,9 +177,11 @@ class WanAttention(nnx.Module):
             k = self.norm_k(k)
         return k.reshape(*k.shape[:2], *heads), v.reshape(*v.shape[:2], *heads)
 
-    def __call__(self, x, context=None, rope=None, kv=None):
+    def __call__(self, x, context=None, rope=None, kv=None, segments=None):
         """Self-attention (context None), or cross-attention on `context` or on its keys and
-        values `kv` = project_kv(context) computed beforehand (the sampler: once per sample)."""
+        values `kv` = project_kv(context) computed beforehand (the sampler: once per sample).
+        segments: optional (query ids (B, N), key ids (B, N|L)) of packed clips: a token attends
+        only to keys with its id (sorajax/packing.py)."""
         cfg = self.cfg
         heads = (cfg.num_attention_heads, cfg.attention_head_dim)
         q = self.to_q(x)  # (B, N, D)
@@ -175,10 +196,13 @@ class WanAttention(nnx.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         names = ("batch", "length", "heads", None)
         q, k, v = (sharding.constrain(a, names) for a in (q, k, v))
+        qs, ks = (None, None) if segments is None else segments
         if context is None and kv is None:
-            o = self_attention(q, k, v, backend=cfg.attention, context_parallel=cfg.context_parallel)
+            o = self_attention(q, k, v, backend=cfg.attention, context_parallel=cfg.context_parallel,
+                               q_segment_ids=qs, kv_segment_ids=ks)
         else:  # text keys are short and replicated over the sequence shards
-            o = dot_product_attention(q, k, v, backend=cfg.attention)  # (B, N, H, hd)
+            o = dot_product_attention(q, k, v, backend=cfg.attention, q_segment_ids=qs,
+                                      kv_segment_ids=ks)  # (B, N, H, hd)
         o = sharding.constrain(o, names)
         return self.to_out(o.reshape(*o.shape[:2], cfg.dim))
 
@@ -196,18 +220,22 @@ class WanBlock(nnx.Module):
         self.scale_shift_table = nnx.Param(init.astype(jnp.dtype(cfg.param_dtype)),
                                            out_sharding=(None, "modulation", "embed"))
 
-    def __call__(self, x, context, mod, cos, sin, kv=None):
+    def __call__(self, x, context, mod, cos, sin, kv=None, segments=None):
         """x (B, N, D); context (B, L, D), or None with kv = attn2.project_kv(context);
-        mod (B, S, 6, D) f32 with S in {1, N}."""
+        mod (B, S, 6, D) f32 with S in {1, N}; segments: None, or packed clips' ids
+        (tokens (B, N), text (B, L) or None: every token sees the whole text)."""
         cfg, dt = self.cfg, x.dtype
         m = self.scale_shift_table[...].astype(F32)[None] + mod  # (B, S, 6, D)
         shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, i] for i in range(6))  # (B, S, D)
 
         h = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dt)
-        x = (x.astype(F32) + self.attn1(h, None, (cos, sin)).astype(F32) * gate).astype(dt)
+        seg, text_seg = (None, None) if segments is None else segments
+        self_seg = None if seg is None else (seg, seg)
+        cross_seg = None if seg is None or text_seg is None else (seg, text_seg)
+        x = (x.astype(F32) + self.attn1(h, None, (cos, sin), segments=self_seg).astype(F32) * gate).astype(dt)
 
         h = (self.norm2(x) if self.norm2 is not None else x).astype(dt)
-        x = x + self.attn2(h, context, kv=kv)
+        x = x + self.attn2(h, context, kv=kv, segments=cross_seg)
 
         h = (layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dt)
         ff = sharding.constrain(self.ffn_in(h), ("batch", "length", "mlp"))  # (B, N, F)
@@ -235,15 +263,16 @@ REMAT_POLICIES = {
 }
 
 
-def run_blocks(blocks, hid, ctx, mod, cos, sin, cfg: DiTConfig, text_kv=None):
+def run_blocks(blocks, hid, ctx, mod, cos, sin, cfg: DiTConfig, text_kv=None, segments=None):
     """Applies the blocks in order, as pure functions of each block's state so that remat and
     scan act on plain pytrees. scan_layers stacks the blocks' states at call time (one copy of
     the parameters, sharded like them) and scans one compiled block over them. `text_kv`: the
-    blocks' cross-attention (k, v), stacked over layers (WanDiT.text_kv), instead of ctx."""
+    blocks' cross-attention (k, v), stacked over layers (WanDiT.text_kv), instead of ctx.
+    `segments`: packed clips' (token ids, text ids) (WanBlock)."""
     graphdef, first = nnx.split(blocks[0])
 
     def apply(state, h, kv=None):
-        return nnx.merge(graphdef, state)(h, ctx, mod, cos, sin, kv)
+        return nnx.merge(graphdef, state)(h, ctx, mod, cos, sin, kv, segments)
 
     use_remat, policy = remat_policy(cfg.remat)
     if use_remat:
@@ -308,27 +337,36 @@ class WanDiT(nnx.Module):
         """The input side: patch tokens (B, N, D) and what the blocks and the head need (the
         timestep modulation, RoPE tables, the shape) -- so that a step cache can skip the blocks
         (sampler.py) and still run the head."""
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        cfg = self.cfg
         B, F, H, W, C = x.shape
         pt, ph, pw = cfg.patch_size
         if F % pt or H % ph or W % pw:
             raise ValueError(f"latent (F, H, W)=({F}, {H}, {W}) not divisible by patch {cfg.patch_size}")
         f, h, w = F // pt, H // ph, W // pw
-        n, d = f * h * w, cfg.dim
-
-        # Patchify: token order (f, h, w), patch vector order (pt, ph, pw, C).
-        tok = x.reshape(B, f, pt, h, ph, w, pw, C).transpose(0, 1, 3, 5, 2, 4, 6, 7)
-        hid = self.patch_embedding(tok.reshape(B, n, pt * ph * pw * C).astype(dt))  # (B, N, D)
+        n = f * h * w
+        start_tokens = None
         if cfg.start_embedding:
-            first = (jnp.arange(n) < h * w)[None, :, None]  # the tokens of latent frame 0
+            first = (jnp.arange(n) < h * w)[None, :]  # the tokens of latent frame 0
             on = jnp.ones((B,), bool) if start is None else jnp.asarray(start, bool)
-            hid = hid + jnp.where(first & on[:, None, None], self.start_embedding[...].astype(dt), 0).astype(dt)
-        hid = sharding.constrain(hid, ACT)
-
+            start_tokens = first & on[:, None]
         if positions is None:
             positions = grid_positions(f, h, w)[None]  # (1, N, 3): broadcasts over the batch
         elif positions.shape[-2:] != (n, 3):
             raise ValueError(f"positions {positions.shape} must be (B, {n}, 3)")
+        hid, e = self.embed_tokens(patchify(x, cfg.patch_size), t, positions, start_tokens)
+        return hid, dict(e, shape=(f, h, w))
+
+    def embed_tokens(self, tok, t, positions, start_tokens=None, segment_ids=None, text_segment_ids=None):
+        """embed() on patch vectors (B, N, pt*ph*pw*Cin) at `positions` (B|1, N, 3), with t (B,)
+        or (B, N); `start_tokens` (B, N) bool marks the tokens that get the start embedding;
+        `segment_ids` (B, N) / `text_segment_ids` (B, L): packed clips (forward_packed)."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        n, d = tok.shape[1], cfg.dim
+        hid = self.patch_embedding(tok.astype(dt))  # (B, N, D)
+        if cfg.start_embedding and start_tokens is not None:
+            on = jnp.asarray(start_tokens, bool)[:, :, None]
+            hid = hid + jnp.where(on, self.start_embedding[...].astype(dt), 0).astype(dt)
+        hid = sharding.constrain(hid, ACT)
         cos, sin = rope_freqs(positions, cfg)  # (B|1, N, hd/2)
 
         # Timesteps: (B,) -> one modulation per example (S=1); (B, N) -> per token (S=N).
@@ -341,7 +379,22 @@ class WanDiT(nnx.Module):
         temb = self.time_embedder_2(jax.nn.silu(self.time_embedder_1(temb)))  # (B, S, D) f32
         mod = self.time_proj(jax.nn.silu(temb.astype(dt)))  # (B, S, 6D)
         mod = mod.astype(F32).reshape(*mod.shape[:2], 6, d)  # (B, S, 6, D)
-        return hid, dict(mod=mod, temb=temb, cos=cos, sin=sin, shape=(B, F, H, W, f, h, w))
+        segments = None
+        if segment_ids is not None:
+            seg = sharding.constrain(jnp.asarray(segment_ids, jnp.int32), ("batch", "length"))
+            segments = (seg, None if text_segment_ids is None else jnp.asarray(text_segment_ids, jnp.int32))
+        return hid, dict(mod=mod, temb=temb, cos=cos, sin=sin, shape=None, segments=segments)
+
+    def forward_packed(self, tok, t, positions, segment_ids, context, text_segment_ids,
+                       start_tokens=None, text_kv=None):
+        """The velocity of packed clips (sorajax/packing.py): patch vectors tok (B, N, p*Cin) of
+        several clips per row, their timesteps t (B, N), 3D positions (B, N, 3) counted from each
+        clip's origin, segment_ids (B, N) (0: padding), the captions' context (B, L, text_dim)
+        (or text_kv) with text_segment_ids (B, L) naming the clip each text token belongs to.
+        Each clip's tokens attend only to its own tokens and caption, so a packed row gives the
+        same velocity as its clips one by one. -> (B, N, p*Cout) patch vectors."""
+        hid, e = self.embed_tokens(tok, t, positions, start_tokens, segment_ids, text_segment_ids)
+        return self.head_tokens(self.run(hid, e, context, text_kv), e)
 
     def run(self, hid, e, context, text_kv=None):
         """The blocks on the tokens of embed() -> (B, N, D)."""
@@ -351,7 +404,8 @@ class WanDiT(nnx.Module):
             ctx = self.text_embedder_2(jax.nn.gelu(ctx, approximate=True))  # (B, L, D)
         else:
             ctx = None
-        return run_blocks(list(self.blocks), hid, ctx, e["mod"], e["cos"], e["sin"], self.cfg, text_kv)
+        return run_blocks(list(self.blocks), hid, ctx, e["mod"], e["cos"], e["sin"], self.cfg, text_kv,
+                          e["segments"])
 
     def probe(self, hid, e):
         """The first block's timestep-modulated normalized input (B, N, D) f32: how much it
@@ -360,20 +414,17 @@ class WanDiT(nnx.Module):
         m = self.blocks[0].scale_shift_table[...].astype(F32)[None] + e["mod"]  # (B, S, 6, D)
         return layer_norm(hid, self.cfg.eps).astype(F32) * (1 + m[:, :, 1]) + m[:, :, 0]
 
-    def head(self, hid, e):
-        """The output side: final modulated norm, projection, unpatchify -> (B, F, H, W, Cout)."""
+    def head_tokens(self, hid, e):
+        """The output side on tokens: final modulated norm and projection -> (B, N, p*Cout)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        B, F, H, W, f, h, w = e["shape"]
-        pt, ph, pw = cfg.patch_size
-        temb = e["temb"]
-        m = self.scale_shift_table[...].astype(F32)[None] + temb[:, :, None, :]  # (B, S, 2, D)
+        m = self.scale_shift_table[...].astype(F32)[None] + e["temb"][:, :, None, :]  # (B, S, 2, D)
         shift, scale = m[:, :, 0], m[:, :, 1]
         hid = (layer_norm(hid, cfg.eps) * (1 + scale) + shift).astype(dt)
-        out = self.proj_out(hid)  # (B, N, pt*ph*pw*Cout)
+        return self.proj_out(hid)  # (B, N, pt*ph*pw*Cout)
 
-        co = cfg.out_channels
-        out = out.reshape(B, f, h, w, pt, ph, pw, co).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-        return out.reshape(B, F, H, W, co)  # (B, F, H, W, Cout)
+    def head(self, hid, e):
+        """The output side: head_tokens, unpatchified -> (B, F, H, W, Cout)."""
+        return unpatchify(self.head_tokens(hid, e), e["shape"], self.cfg.patch_size)
 
 
 # ----------------------------------------------------------------------------------------------

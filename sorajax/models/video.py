@@ -78,6 +78,17 @@ class VideoModel(nnx.Module):
             chex.assert_equal_shape_prefix([latents, sigma, text_kv[0][0]], 1)
         return self.dit(latents, sigma * 1000.0, context, text_kv=text_kv, start=start)
 
+    def velocity_packed(self, tokens, sigma, positions, segment_ids, context, text_segment_ids,
+                        start_tokens=None):
+        """v of packed clips (sorajax/packing.py): patch vectors (B, N, P) at per-token noise
+        levels sigma (B, N), positions (B, N, 3), segment_ids (B, N), the slots' captions as a
+        DiT context (B, K*L, D) with text_segment_ids (B, K*L) -> (B, N, P)."""
+        chex.assert_rank([tokens, sigma, positions, segment_ids, context, text_segment_ids],
+                         [3, 2, 3, 2, 3, 2])
+        chex.assert_equal_shape([sigma, segment_ids])
+        return self.dit.forward_packed(tokens, sigma * 1000.0, positions, segment_ids, context,
+                                       text_segment_ids, start_tokens)
+
     def velocity_cached(self, latents, sigma, text_kv, cache, threshold, start=None):
         """velocity() with a step cache (TeaCache-style): the blocks' residual (output - input)
         of the last step that ran them is reused while the first block's modulated input has
