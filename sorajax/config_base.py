@@ -111,8 +111,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the default sampling length. 0: whole clips
     c.dit_train.clip_frames = 0
     # "pack": clips of any shape packed whole into batch_size rows of pack_tokens tokens each
-    # (sorajax/packing.py: per-clip attention, noise and loss; one compiled step); "none": one
-    # shape per run (data.frames x height x width, or clip_frames windows of it)
+    # (sorajax/packing.py: per-clip attention, noise and loss; one compiled step); "bucket": one
+    # shape per batch, about batch_size x pack_tokens tokens per batch (one compile per shape);
+    # "none": one shape per run (data.frames x height x width, or clip_frames windows of it)
     c.dit_train.packing = "none"
     c.dit_train.pack_tokens = 0  # tokens per packed row; 0 = the largest clip's token count
     c.dit_train.pack_clips = 8  # clips (and caption slots) per packed row, at most

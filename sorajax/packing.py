@@ -129,6 +129,58 @@ class PackPlan:
         return used / (batches * b.rows * b.tokens)
 
 
+class BucketPlan:
+    """Bucketing, the simple alternative to packing: every global batch holds clips of one shape
+    (one bucket per distinct shape), `batch_of[shape]` of them, so that the tokens per batch stay
+    about the same across buckets (bucket_batch_sizes). plan[i] -> (shape, clip indices). Each
+    epoch shuffles every bucket and then the order of all the epoch's batches (seeded by (seed,
+    epoch)); a bucket's last incomplete batch waits for the next epoch's shuffle. One compiled
+    step per bucket (jit caches them)."""
+
+    def __init__(self, shapes: Sequence, batch_of: dict, *, seed: int, length: int = 2 ** 40):
+        self.keys = [tuple(s) for s in shapes]
+        self.buckets: dict[tuple, list[int]] = {}
+        for i, k in enumerate(self.keys):
+            self.buckets.setdefault(k, []).append(i)
+        self.batch_of = {tuple(k): int(v) for k, v in batch_of.items()}
+        small = {k: len(v) for k, v in self.buckets.items() if len(v) < self.batch_of[k]}
+        if small:
+            k = min(small)
+            raise ValueError(f"bucket {'x'.join(map(str, k))} has {small[k]} clips, fewer than its batch of "
+                             f"{self.batch_of[k]}: lower the batch or drop the shape")
+        self.seed, self._len = int(seed), int(length)
+        self._batches: list[tuple[tuple, list[int]]] = []
+        self._epoch = 0
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return self._len
+
+    def _extend(self):
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self._epoch])
+        epoch = []
+        for k in sorted(self.buckets):
+            idx, b = np.asarray(self.buckets[k]), self.batch_of[k]
+            idx = idx[rng.permutation(len(idx))]
+            epoch += [(k, idx[j:j + b].tolist()) for j in range(0, len(idx) - b + 1, b)]
+        self._batches += [epoch[j] for j in rng.permutation(len(epoch))]
+        self._epoch += 1
+
+    def __getitem__(self, i):
+        i = int(i)
+        with self._lock:
+            while len(self._batches) <= i:
+                self._extend()
+            return self._batches[i]
+
+
+def bucket_batch_sizes(tokens_of: dict, target_tokens: int, multiple: int = 1) -> dict:
+    """Per shape: the batch that keeps about `target_tokens` tokens per global batch, a multiple
+    of `multiple` (the data-parallel size), at least one multiple."""
+    return {k: max(multiple, (int(target_tokens) // max(int(n), 1)) // multiple * multiple)
+            for k, n in tokens_of.items()}
+
+
 def pack(examples: Sequence[Sequence[dict]], budget_tokens: int, max_clips: int, patch,
          empty_ids, empty_mask) -> dict[str, np.ndarray]:
     """Rows of examples ({"latents": (t, h, w, z), "ids": (L,), "mask": (L,)}) -> one packed batch:

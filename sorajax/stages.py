@@ -307,7 +307,8 @@ class DiTStage(Stage):
         self.empty_mask = np.asarray(empty_mask)[0]
         self.latent_source = None  # latents.LatentCache once prepare() ran
         self._max_frames = 1  # packing: the most latent frames of a clip (set by prepare)
-        self._plan = None  # packing: the PackPlan of the iterator
+        self._plan = None  # packing / bucketing: the PackPlan / BucketPlan of the iterator
+        self._mesh = None
 
     @property
     def workdir(self):
@@ -352,9 +353,9 @@ class DiTStage(Stage):
                                          np.asarray(ov["latents_std"], np.float32))
         if self.packed():
             self._max_frames = self._pack_budget(self.latent_source)[2]
-        elif getattr(self.latent_source, "native", False):
+        elif self.tcfg.packing == "none" and self.latent_source.native:
             raise UserError(f"the latent cache at {self.latent_source.directory!r} holds clips of "
-                            f"different shapes: train it with {self.section}.packing='pack'")
+                            f"different shapes: train it with {self.section}.packing='pack' (or 'bucket')")
 
     def build(self, rngs):
         return video.VideoModel(*self.cfgs, rngs=rngs)
@@ -371,6 +372,15 @@ class DiTStage(Stage):
     def packed(self) -> bool:
         return self.tcfg.packing == "pack"
 
+    def _buckets(self, src, mesh) -> tuple[dict, dict]:
+        """Bucketing: (tokens per shape, global batch per shape) for the latent cache `src`: about
+        batch_size x pack_tokens tokens per batch (pack_tokens 0: the largest clip's)."""
+        patch = self.cfgs[1].patch_size
+        tokens_of = {tuple(s): packing.clip_tokens(s, patch) for s in src.clip_shapes}
+        target = int(self.tcfg.batch_size) * (int(self.tcfg.pack_tokens) or max(tokens_of.values()))
+        dp = sharding.data_parallel_size(mesh, sharding.normalize_rules(self.config.sharding_rules))
+        return tokens_of, packing.bucket_batch_sizes(tokens_of, target, dp * int(self.tcfg.grad_accum))
+
     def _pack_budget(self, src) -> tuple[packing.Budget, list[int], int]:
         """(budget, tokens per clip, most latent frames of a clip) of the latent cache `src`."""
         patch = self.cfgs[1].patch_size
@@ -381,6 +391,16 @@ class DiTStage(Stage):
         return budget, sizes, max(int(s[0]) // patch[0] for s in shapes)
 
     def iterator(self, mesh, rows, *, seed):
+        if self.tcfg.packing == "bucket":
+            src, self._mesh = self.source(mesh), mesh
+            _, batch_of = self._buckets(src, mesh)
+            try:
+                self._plan = packing.BucketPlan(src.clip_shapes, batch_of, seed=seed)
+            except ValueError as e:
+                raise UserError(f"{self.section}.packing='bucket': {e}") from None
+            rules = sharding.normalize_rules(self.config.sharding_rules)
+            return pipeline.make_bucket_iterator(src, self._plan, transform=self.transform,
+                                                 rows_of=lambda b: sharding.process_batch_rows(mesh, rules, b))
         if not self.packed():
             return super().iterator(mesh, rows, seed=seed)
         src = self.source(mesh)
@@ -455,11 +475,20 @@ class DiTStage(Stage):
         pack_clips captions, padding and the masked cross-clip attention included."""
         vae_cfg, dit_cfg, text_cfg = self.cfgs
         d, b = self.config.data, int(self.tcfg.batch_size)
+        L, tmul = int(self.config.text.max_length), 3.0 if self.config.text.trainable else 1.0
         if self.packed() and self.latent_source is not None:
             budget, _, _ = self._pack_budget(self.latent_source)
-            L, K = int(self.config.text.max_length), budget.max_clips
-            text = flops.text_forward_flops(text_cfg, L) * K * (3.0 if self.config.text.trainable else 1.0)
-            return b * (3.0 * flops.dit_forward_flops(dit_cfg, budget.tokens, K * L) + text)
+            K = budget.max_clips
+            return b * (3.0 * flops.dit_forward_flops(dit_cfg, budget.tokens, K * L) +
+                        tmul * K * flops.text_forward_flops(text_cfg, L))
+        if self.tcfg.packing == "bucket" and isinstance(self._plan, packing.BucketPlan):
+            # The mean step: every bucket's batch weighted by how many batches it has per epoch.
+            tokens_of, batch_of = self._buckets(self.latent_source, self._mesh)
+            per_batch = {k: batch_of[k] * (3.0 * flops.dit_forward_flops(dit_cfg, n, L) +
+                                           tmul * flops.text_forward_flops(text_cfg, L))
+                         for k, n in tokens_of.items()}
+            count = {k: len(v) // batch_of[k] for k, v in self._plan.buckets.items()}
+            return sum(per_batch[k] * c for k, c in count.items()) / max(sum(count.values()), 1)
         shape = latent_shape(vae_cfg, video.window_frames(self.config), int(d.height), int(d.width))[:3]  # (t, h, w)
         total = flops.dit_train_step_flops(dit_cfg, text_cfg, b, shape, int(self.config.text.max_length),
                                            bool(self.config.text.trainable))
@@ -495,7 +524,7 @@ class DiTStage(Stage):
     def host_metrics(self, step):
         """Packed: real tokens / token budget over every batch of the run so far (the per-step
         figure is the step's own `packing_efficiency`)."""
-        if self._plan is None or step < 1:
+        if not self.packed() or self._plan is None or step < 1:
             return {}
         return {"packing_efficiency_mean": self._plan.efficiency(step)}
 

@@ -187,8 +187,9 @@ def run_stage(stage: stages.Stage, config, mesh) -> dict:
 
     with _Stop() as stop:
         while step < total:
-            batch = sharding.global_batch(stage.local_batch(next(it)), mesh, trainer.rules,
-                                          batch_size=tcfg.batch_size)
+            local = next(it)  # bucketed batches (dit_train.packing="bucket") say their global size
+            size = int(local["global_batch"]) if "global_batch" in local else tcfg.batch_size
+            batch = sharding.global_batch(stage.local_batch(local), mesh, trainer.rules, batch_size=size)
             state, m = step_fn(state, batch)
             step += 1
             stop.agree()

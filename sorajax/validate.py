@@ -132,18 +132,20 @@ def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
         pt = video.model_configs(config)[1].patch_size[0]
         _need(total == 0 or pt == 1, f"{name}.cond_rates", dict(t.cond_rates),
               f"conditioning masks give whole latent frames: they need a DiT temporal patch of 1, not {pt}")
-        _need(t.packing in ("none", "pack"), f"{name}.packing", t.packing,
-              "must be 'pack' (clips of any shape packed into token budgets) or 'none' (one shape)")
+        _need(t.packing in ("none", "pack", "bucket"), f"{name}.packing", t.packing,
+              "must be 'pack' (clips of any shape packed into token budgets), 'bucket' (one shape per "
+              "batch) or 'none' (one shape)")
         for k, lo in (("pack_tokens", 0), ("pack_clips", 1)):
             _need(is_int(t[k]) and t[k] >= lo, f"{name}.{k}", t[k], f"must be an integer >= {lo}")
-        if t.packing == "pack":
+        if t.packing != "none":
             _need(d.source == "latents" or config.vae.precompute_latents, f"{name}.packing", t.packing,
-                  "packs precomputed latents: set vae.precompute_latents=True or data.source='latents'")
+                  "needs precomputed latents: set vae.precompute_latents=True or data.source='latents'")
             _need(not t.clip_frames, f"{name}.clip_frames", t.clip_frames,
-                  "packing trains on whole clips (data.durations sets their lengths): set it to 0")
+                  f"packing={t.packing!r} trains on whole clips (data.durations sets their lengths): set it to 0")
         else:
             _need(shapes.native_settings(d) is None, "data.aspect_ratios", tuple(d.aspect_ratios),
-                  f"clips of different shapes train packed: set {name}.packing='pack' (or aspect_ratios=())")
+                  f"clips of different shapes train packed: set {name}.packing='pack' or 'bucket' "
+                  "(or aspect_ratios=())")
 
 
 def _validate_native(d, rt: int, multiple: int) -> None:

@@ -64,6 +64,26 @@ def _examples(shapes, z, L, seed=0):
              "mask": (np.arange(L) < rng.integers(2, L + 1)).astype(np.int32)} for s in shapes]
 
 
+def test_bucket_plan_one_shape_per_batch_and_tokens_about_constant():
+    shapes = _mix(300, seed=4)
+    tokens_of = {s: packing.clip_tokens(s, PATCH) for s in set(shapes)}
+    batch_of = packing.bucket_batch_sizes(tokens_of, 4 * 24, multiple=2)
+    assert batch_of[(1, 4, 4)] == 24 and batch_of[(4, 4, 6)] == 4 and batch_of[(3, 4, 6)] == 4  # 96 // 18 = 5 -> 4
+    plan = packing.BucketPlan(shapes, batch_of, seed=1)
+    again = packing.BucketPlan(shapes, batch_of, seed=1)
+    assert again[30] == plan[30] and again[2] == plan[2]
+    seen = []
+    for i in range(60):
+        key, idx = plan[i]
+        assert {shapes[j] for j in idx} == {key} and len(idx) == batch_of[key]
+        assert 0.75 * 96 <= len(idx) * tokens_of[key] <= 96
+        seen += idx
+    assert len({plan[i][0] for i in range(20)}) >= 5  # buckets interleave, not one after another
+    assert len(seen) > 300 and len(set(seen)) > 250  # the epochs cover the clips
+    with pytest.raises(ValueError, match="fewer than its batch"):
+        packing.BucketPlan([(1, 4, 4)] * 3, {(1, 4, 4): 4}, seed=0)
+
+
 def test_pack_layout():
     exs = _examples([(3, 4, 6), (1, 6, 4), (2, 4, 4)], z=8, L=6)
     out = packing.pack([exs[:2], exs[2:]], 30, 3, PATCH, np.zeros(6, np.int32), np.zeros(6, np.int32))
@@ -218,6 +238,7 @@ def test_native_runlocal_trains_packed_mixed_shapes_with_one_compile(tmp_path):
     crops, the latent cache by shape, packed DiT steps): 100 DiT steps compile the step once and
     the trainer logs the packing efficiency."""
     import json
+    import os
 
     from tests.helpers import cli_env, run_cli
 
@@ -238,3 +259,22 @@ def test_native_runlocal_trains_packed_mixed_shapes_with_one_compile(tmp_path):
     shapes = {tuple(s) for p in cache["parts"]
               for s in json.load(open(tmp_path / "run" / "latents" / "parts" / f"{p}.json"))["shapes"]}
     assert {s[0] for s in shapes} == {1, 3} and len({s[1:3] for s in shapes}) == 2, shapes  # images + videos, 2 sizes
+
+    # Bucketing, the simple alternative, with the same VAE: one compile per bucket (shape); about
+    # 1 x 72 tokens per batch (4 images of 16 tokens, 3 of 24, 1 clip of 48 or 72).
+    import shutil
+
+    b = tmp_path / "bucket"
+    shutil.copytree(tmp_path / "run", b)
+    shutil.rmtree(b / "checkpoints")
+    os.remove(b / "metrics.jsonl")
+    r = run_cli(["-m", "sorajax.train", "--config", "configs/native.py:runlocal", "--workdir", str(b),
+                 f"--config.data.data_dir={tmp_path / 'data'}", "--config.vae_train.steps=2",
+                 "--config.dit_train.steps=100", "--config.dit_train.log_every=25", "--config.dit_train.ckpt_every=100",
+                 "--config.dit_train.sample_at_end=False", "--config.dit_train.batch_size=1",
+                 "--config.dit_train.packing=bucket", '--config.dit.overrides={"num_layers": 1}'], env=cli_env(1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[vae] already trained" in r.stdout
+    dit = [json.loads(x) for x in open(b / "metrics.jsonl")]
+    assert [x["step"] for x in dit] == [25, 50, 75, 100]
+    assert dit[-1]["step_traces"] == len(shapes) == 4  # one compiled step per bucket (shape), no more

@@ -177,6 +177,23 @@ def make_packed_iterator(source, plan, *, rows, transform, pack_fn, num_threads:
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
 
 
+def make_bucket_iterator(source, plan, *, rows_of, transform, num_threads: int = 2,
+                         prefetch: int = 8) -> grain.DatasetIterator:
+    """A checkpointable iterator of this process's rows of bucketed global batches
+    (packing.BucketPlan): `plan[i]` = (shape, clip indices) of global batch i, whose size varies
+    by bucket; `rows_of(global batch size)` names this process's rows. Each batch dict carries
+    "global_batch" (int): the size of the global batch it is part of."""
+
+    def _read(item):
+        _, idx = item
+        batch = collate([transform(decode_example(source[int(idx[r])])) for r in rows_of(len(idx))])
+        batch["global_batch"] = len(idx)
+        return batch
+
+    ds = grain.MapDataset.source(plan).map(_read)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+
+
 def get_state(it: grain.DatasetIterator) -> dict[str, Any]:
     """The iterator's position as a JSON-serialisable dict."""
     state = it.get_state()
