@@ -20,6 +20,7 @@ from flax import nnx
 from sorajax import checkpoint as ckpt_lib
 from sorajax import config_lib, sampler, sharding, validate
 from sorajax import tokenizer as tok_lib
+from sorajax.data import shapes
 from sorajax.errors import UserError
 from sorajax.models import vae as vae_lib
 from sorajax.models import video
@@ -48,6 +49,17 @@ class Pipeline:
         self._encode = self._decode = None  # encode() / decode(): compiled on first use
 
     # -- shapes ------------------------------------------------------------------------------
+    def trained_sizes(self) -> str:
+        """What the model was trained on, for messages: "9x32x48" (frames x height x width), or
+        with native shapes (data.aspect_ratios) every height x width and duration it saw."""
+        d = self.config.data
+        native = shapes.native_settings(d)
+        if native is None:
+            return f"{self.defaults['frames']}x{d.height}x{d.width} (frames x height x width)"
+        sizes = ", ".join(f"{h}x{w}" for h, w in shapes.all_sizes(native, d.height, d.width))
+        frames = ", ".join(map(str, native["durations"])) + (" and 1 (images)" if native["image_share"] else "")
+        return f"{sizes} (height x width) at {frames} frames"
+
     def latent_shape(self, frames, height, width):
         return tuple(vae_lib.latent_shape(self.vae_cfg, frames, height, width))
 
@@ -60,13 +72,13 @@ class Pipeline:
             lo = 1 + max(0, (frames - 1) // rt) * rt
             near = f"{lo} or {lo + rt}" if frames > 1 else "1"
             raise UserError(f"--frames {frames}: this model takes 1 + {rt}k frames (1, {1 + rt}, {1 + 2 * rt}, ...); "
-                            f"nearest: {near}")
+                            f"nearest: {near}; trained on {self.trained_sizes()}")
         for name, v, p in (("--height", height, ph), ("--width", width, pw)):
             m = rs * p
             if v <= 0 or v % m:
                 near = f"{v // m * m} or {v // m * m + m}" if v > m else f"{m}"
                 raise UserError(f"{name} {v}: must be a positive multiple of {m} (VAE stride {rs} x patch {p}); "
-                                f"nearest: {near}")
+                                f"nearest: {near}; trained on {self.trained_sizes()}")
         validate.check_context_split(self.vae_cfg, self.dit_cfg, frames, height, width, self.mesh,
                                      self.config.sharding_rules, "--frames/--height/--width")
 

@@ -48,8 +48,10 @@ def parse_args(argv):
                         "their modulated input changes little; 0 = off; default: config's sample.step_cache). "
                         "docs/PERFORMANCE.md has its speed-up and its cost on the world metrics")
     p.add_argument("--frames", type=int, help="frame count, 1 + 4k (default: the run's; not with --mode t2i)")
-    p.add_argument("--height", type=int, help="height in pixels (default: the run's)")
-    p.add_argument("--width", type=int, help="width in pixels (default: the run's)")
+    p.add_argument("--height", type=int, help="height in pixels (default: the run's data.height); any multiple of "
+                   "VAE stride x patch -- a size it cannot take is an error naming the nearest ones and the "
+                   "sizes the run was trained on (docs/SHAPES.md)")
+    p.add_argument("--width", type=int, help="width in pixels (default: the run's data.width); likewise")
     p.add_argument("--mode", choices=modes.MODES, default="t2v", help=MODE_HELP)
     p.add_argument("--image", help="i2v: the first frame (png/jpg/webp), resized to cover and centre-cropped")
     p.add_argument("--video", help="extend_*, connect, v2v: the input clip (mp4/gif/webm)")

@@ -149,9 +149,9 @@ BAD = [
     (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.avi"],
      "unsupported extension"),
     (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.mp4",
-      "--frames", "6"], "--frames 6: this model takes 1 + 4k frames (1, 5, 9, ...); nearest: 5 or 9"),
+      "--frames", "6"], "--frames 6: this model takes 1 + 4k frames (1, 5, 9, ...); nearest: 5 or 9; trained on"),
     (["-m", "sorajax.sample", "--workdir", "{run}", "--prompt", "a red circle", "--out", "{tmp}/o.mp4",
-      "--height", "44"], "--height 44: must be a positive multiple of 8 (VAE stride 4 x patch 2); nearest: 40 or 48"),
+      "--height", "44"], "--height 44: must be a positive multiple of 8 (VAE stride 4 x patch 2); nearest: 40 or 48; trained on 9x32x32"),
     # Native shapes: clips of several shapes only train packed.
     (["-m", "sorajax.train", "--config", "configs/native.py:runlocal", "--workdir", "{tmp}/w",
       "--config.dit_train.packing=none"], "set dit_train.packing='pack'"),
