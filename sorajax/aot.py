@@ -259,11 +259,19 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
     L = int(config.text.max_length)
     rules = trainer.rules
     bs = lambda nd: sharding.batch_sharding(mesh, rules, nd)
-    batch = {"latents": jax.ShapeDtypeStruct(lat, jnp.float32, sharding=bs(5)),
-             "ids": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs(2)),
-             "mask": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs(2))}
+    if tcfg.packing == "bucket":
+        raise UserError("dit_train.packing='bucket' compiles one step per clip shape: plan each shape "
+                        "with --config.dit_train.packing=none --frames/--height/--width, or plan packing='pack'")
+    packed = None
+    if stage.packed():
+        batch, packed = _packed_batch(stage, config, mesh, bs)
+        tokens = packed["tokens_per_row"]
+    else:
+        batch = {"latents": jax.ShapeDtypeStruct(lat, jnp.float32, sharding=bs(5)),
+                 "ids": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs(2)),
+                 "mask": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs(2))}
+        tokens = dit_lib.num_tokens(dit_cfg, lat)
     state = trainer.abstract_target()
-    tokens = dit_lib.num_tokens(dit_cfg, lat)
     lowered = trainer.step_fn().lower(state, batch)
     t1 = time.time()
     try:
@@ -279,10 +287,14 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n_chips = mesh.devices.size
-    model_train = dit_train_step_flops(dit_cfg, text_cfg, B, lat, L, text_trainable=bool(config.text.trainable))
+    if packed:  # each row as computed: its token budget against K captions (stages.DiTStage.step_flops)
+        model_train = stage.step_flops()
+    else:
+        model_train = dit_train_step_flops(dit_cfg, text_cfg, B, lat, L, text_trainable=bool(config.text.trainable))
     out = {
         "config": {"frames": F, "height": H, "width": W, "global_batch": B, "grad_accum": accum,
                    "latent_shape": list(lat), "tokens_per_sample": tokens, "text_len": L,
+                   **({"packing": packed} if packed else {}),
                    "dit": {"variant": config.dit.variant, "attention": dit_cfg.attention,
                            "context_parallel": dit_cfg.context_parallel,
                            "remat": str(dit_cfg.remat), "scan_layers": dit_cfg.scan_layers,
@@ -311,6 +323,44 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
     if sampler:
         out["sampler_step"] = _plan_sampler(trainer, stage, mesh, lat, L, topo, dit_cfg, text_cfg)
     return out
+
+
+def _packed_batch(stage, config, mesh, bs):
+    """dit_train.packing='pack': the packed global batch (packing.pack's arrays) as abstract
+    arrays, its token budget taken as the trainer takes it (stages.DiTStage._pack_budget) from
+    every clip shape the config's native settings produce (data.aspect_ratios, durations,
+    resolutions, image_share) -> (batch, the budget's description)."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from sorajax.data import shapes
+    from sorajax.models import vae as vae_lib
+
+    vae_cfg, dit_cfg, _ = stage.cfgs
+    d = config.data
+    native = shapes.native_settings(d)
+    clips = shapes.all_clip_shapes(native, d.height, d.width) if native else [(int(d.frames), int(d.height), int(d.width))]
+    lat_shapes = [vae_lib.latent_shape(vae_cfg, *c) for c in clips]
+    stage._mesh = mesh
+    budget, sizes, stage._max_frames = stage._pack_budget(types.SimpleNamespace(clip_shapes=lat_shapes))
+    stage.latent_source = types.SimpleNamespace(clip_shapes=lat_shapes)  # what step_flops sizes rows by
+    if max(sizes) > budget.tokens:
+        raise UserError(f"dit_train.pack_tokens={budget.tokens}: the largest clip ({clips[sizes.index(max(sizes))]}, "
+                        f"{max(sizes)} tokens) does not fit a row")
+    R, N, K, L = budget.rows, budget.tokens, budget.max_clips, int(config.text.max_length)
+    pt, ph, pw = dit_cfg.patch_size
+    spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=bs(len(shape)))
+    batch = {"tokens": spec((R, N, pt * ph * pw * vae_cfg.z_dim), jnp.float32),
+             "positions": spec((R, N, 3), jnp.int32), "segment_ids": spec((R, N), jnp.int32),
+             "start_tokens": spec((R, N), jnp.bool_), "ids": spec((R, K, L), jnp.int32),
+             "mask": spec((R, K, L), jnp.int32), "text_segment_ids": spec((R, K * L), jnp.int32),
+             "clip_tokens": spec((R, K), jnp.int32), "clip_frames": spec((R, K), jnp.int32)}
+    desc = {"rows": R, "tokens_per_row": N, "clips_per_row": K,
+            "clip_shapes": [{"frames": f, "height": h, "width": w, "tokens": n}
+                            for (f, h, w), n in zip(clips, sizes)]}
+    return batch, desc
 
 
 def _plan_sampler(trainer, stage, mesh, lat, L, topo, dit_cfg, text_cfg):

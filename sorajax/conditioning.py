@@ -49,6 +49,14 @@ def sample_masks(key, batch: int, frames: int, rate_values, lengths=None) -> jax
     return m & ~jnp.all(m | (i >= n), axis=1, keepdims=True)
 
 
+def token_levels(sigma, frame_mask, tokens_per_frame: int):
+    """token_sigmas in the DiT's cheap form (WanDiT.embed_tokens): two noise levels per example
+    (B, 2) = (sigma, 0) and each token's index into them (B, N) int32 (1: a conditioning frame),
+    so the timestep modulation is computed twice per example, not once per token."""
+    levels = jnp.stack([sigma, jnp.zeros_like(sigma)], axis=1)
+    return levels, jnp.repeat(frame_mask, tokens_per_frame, axis=1).astype(jnp.int32)
+
+
 def token_sigmas(sigma, frame_mask, tokens_per_frame: int):
     """Per-token noise levels (B, N): `sigma` (B,) everywhere except the conditioning frames,
     which are at 0 (tokens in (frame, row, column) order, temporal patch 1)."""

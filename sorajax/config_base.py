@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.durations = ()  # frame counts (1 + 4k) of the videos; () = (frames,)
     c.data.image_share = 0.0  # chance that a clip is a 1-frame image (native shapes only)
     c.data.size_multiple = 16  # native sides are multiples of this (VAE spatial stride x DiT patch)
+    # pixel budgets as (height, width) pairs, e.g. ((720, 1280), (480, 832)): each clip draws one
+    # (native shapes only); () = the one budget data.height x data.width
+    c.data.resolutions = ()
 
     # -- models: a variant from the model file's VARIANTS table plus dataclass field overrides.
     c.vae = ml_collections.ConfigDict()

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from sorajax import cli, fileio, inference, mode_eval, modes
 from sorajax.analysis import analyze_clip  # the analyzer (evaluate.analyze_clip for callers)
+from sorajax.data import shapes
 from sorajax.data import world as world_lib
 from sorajax.errors import UserError
 
@@ -195,8 +196,59 @@ def vae_reconstruction(pipe, *, prompts: str = "test", batch_size: int = 12) -> 
                 ssim_by_frame=ssim.round(4).tolist(), first_frame_psnr_gap_db=gap, clips=n)
 
 
+# What a 1-frame image can show: no motion, so no direction, persistence, permanence or flicker.
+IMAGE_METRICS = ("color_adherence", "shape_adherence", "size_adherence", "count_adherence",
+                 "background_adherence", "color_purity")
+
+
+def shape_cases(data_cfg) -> dict[str, tuple[int, int, int]]:
+    """A run trained on native shapes (data.aspect_ratios): the (frames, height, width) its
+    benchmark is repeated at -- "square", "landscape" and "portrait" (the most square, widest and
+    tallest of its sizes at the first pixel budget, data.frames long) and "image" (1 frame at
+    data.height x data.width) when it trained on images. {} for a one-shape run."""
+    native = shapes.native_settings(data_cfg)
+    if native is None:
+        return {}
+    frames, first = int(data_cfg.frames), shapes.pixel_budgets(native, data_cfg.height, data_cfg.width)[0]
+    sizes = [shapes.native_size(a, first, native["size_multiple"]) for a in native["aspect_ratios"]]
+    log_ratio = lambda hw: float(np.log(hw[1] / hw[0]))
+    out = {}
+    square = min(sizes, key=lambda hw: abs(log_ratio(hw)))
+    if abs(log_ratio(square)) < 0.1:
+        out["square"] = (frames, *square)
+    wide, tall = max(sizes, key=log_ratio), min(sizes, key=log_ratio)
+    if log_ratio(wide) >= 0.1:
+        out["landscape"] = (frames, *wide)
+    if log_ratio(tall) <= -0.1:
+        out["portrait"] = (frames, *tall)
+    if native["image_share"] > 0:
+        out["image"] = (1, int(data_cfg.height), int(data_cfg.width))
+    return out
+
+
+def by_shape(make_generate: Callable[[int, int, int], Generate], cases: dict[str, tuple[int, int, int]],
+             **kw) -> dict[str, dict[str, Any]]:
+    """The benchmark at each named (frames, height, width) -> {"metrics_by_shape": {name:
+    metrics}, "stderr_by_shape": {...}, "shapes": {name: its size}}, with the names of
+    `metrics`; a 1-frame case scores only IMAGE_METRICS (the others are None: an image has no
+    motion)."""
+    out = {"metrics_by_shape": {}, "stderr_by_shape": {}, "shapes": {}}
+    for name, (f, h, w) in cases.items():
+        r = run_benchmark(make_generate(f, h, w), **kw)
+        got = [r["info"][k] for k in ("frames", "height", "width")]
+        if got != [f, h, w]:
+            raise ValueError(f"{name}: asked for {f}x{h}x{w} clips, the generator's shape is {'x'.join(map(str, got))}")
+        keep = (lambda k: k in IMAGE_METRICS) if f == 1 else (lambda k: True)
+        out["metrics_by_shape"][name] = {k: (v if keep(k) else None) for k, v in r["metrics"].items()}
+        out["stderr_by_shape"][name] = {k: (v if keep(k) else None) for k, v in r["stderr"].items()}
+        out["shapes"][name] = {"frames": f, "height": h, "width": w}
+    return out
+
+
 def evaluate_workdir(workdir: str, out: str, **kw) -> dict[str, Any]:
-    """Samples the benchmark from a trained run (its EMA weights) and writes the report."""
+    """Samples the benchmark from a trained run (its EMA weights) and writes the report. A run
+    trained on native shapes is also scored at each of its shapes (`metrics_by_shape`, unless
+    --frames/--height/--width pin one)."""
     cli.check_writable_output(out, (".json",), "--out")
     gen_kw = {k: kw.pop(k) for k in ("steps", "guidance", "frames", "height", "width", "step_cache") if k in kw}
     pipe = inference.load_pipeline(workdir=workdir)
@@ -210,6 +262,10 @@ def evaluate_workdir(workdir: str, out: str, **kw) -> dict[str, Any]:
     report = run_benchmark(generate, info=info, **kw)
     if cache > 0:  # the share of model calls that ran the DiT blocks
         report["info"]["block_run_fraction"] = generate.stats["block_runs"] / max(generate.stats["model_calls"], 1)
+    cases = shape_cases(pipe.config.data)
+    if cases and all(gen_kw.get(k) is None for k in ("frames", "height", "width")):
+        report.update(by_shape(lambda f, h, w: model_generate(pipe, **dict(gen_kw, frames=f, height=h, width=w)),
+                               cases, info=info, **kw))
     report["vae"] = vae_reconstruction(pipe, prompts=kw.get("prompts", "test"))
     fileio.write_json(out, report)
     return report
@@ -310,6 +366,11 @@ def _main(argv) -> int:
                                   steps=a.steps, guidance=a.guidance, frames=a.frames,
                                   height=a.height, width=a.width, step_cache=a.step_cache)
     print(json.dumps(report["metrics"], indent=1))
+    for name, m in report.get("metrics_by_shape", {}).items():
+        sz = report["shapes"][name]
+        cells = "  ".join(f"{k} {m[k]:.3f}" for k in ("color_adherence", "direction_adherence", "prompt_adherence")
+                          if m[k] is not None)
+        print(f"{name:>9} ({sz['frames']}x{sz['height']}x{sz['width']}): {cells}")
     if "vae" in report:
         v = report["vae"]
         print(f"VAE reconstruction: PSNR {v['psnr']:.2f} dB (by frame {v['psnr_by_frame']}), SSIM "

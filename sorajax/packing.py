@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sorajax import conditioning, flow
+from sorajax import conditioning, flow, sharding
 from sorajax.models import dit as dit_lib
 
 
@@ -265,7 +265,11 @@ def packed_loss(model, batch, context, sigma, noise, given):
     given = given & real
     s = per_token(sigma, seg)  # (R, N)
     xt = jnp.where(given[..., None], x0, flow.add_noise(x0, noise, s))
-    v = model.velocity_packed(xt, jnp.where(given, 0.0, s).astype(s.dtype), batch["positions"], seg,
+    # The model sees K + 1 noise levels per row (each slot's sigma, and 0 for given tokens) and
+    # each token's index into them: its timestep modulation is computed per level, not per token.
+    levels = jnp.concatenate([sigma, jnp.zeros_like(sigma[:, :1])], axis=1)  # (R, K + 1)
+    level = jnp.where(given, K, slot_of_tokens(seg, K))  # (R, N)
+    v = model.velocity_packed(xt, (levels.astype(s.dtype), level), batch["positions"], seg,
                               context, batch["text_segment_ids"], batch["start_tokens"])
     err = jnp.mean(jnp.square(v.astype(jnp.float32) - flow.velocity_target(x0, noise).astype(jnp.float32)), -1)
     w = (real & ~given).astype(jnp.float32)  # (R, N)
@@ -292,8 +296,11 @@ def packed_flow_loss(model, batch, key, *, flow_cfg, text_dropout: float, empty_
     drop = jax.random.bernoulli(k_drop, text_dropout, (R, K, 1))
     ids = jnp.where(drop, jnp.asarray(empty_ids)[None, None], ids)
     mask = jnp.where(drop, jnp.asarray(empty_mask)[None, None], mask)
-    ctx = model.encode_text(ids.reshape(R * K, L), mask.reshape(R * K, L))  # (R*K, L, D)
-    ctx = ctx.reshape(R, K * L, ctx.shape[-1])
+    # The R*K captions are sharded like a batch: left to propagation through the reshape, the
+    # text encoder ran replicated on every chip (the packed 14B step's largest all-reduces).
+    flat = [sharding.constrain(a.reshape(R * K, L), ("batch", None)) for a in (ids, mask)]
+    ctx = sharding.constrain(model.encode_text(*flat), ("batch", None, None))  # (R*K, L, D)
+    ctx = sharding.constrain(ctx.reshape(R, K * L, ctx.shape[-1]), ("batch", None, None))
     sigma = flow.sample_sigmas(k_sigma, (R, K), logit_mean=flow_cfg.logit_mean,
                                logit_std=flow_cfg.logit_std, shift=flow_cfg.shift)
     noise = jax.random.normal(k_noise, batch["tokens"].shape, batch["tokens"].dtype)

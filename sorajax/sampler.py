@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sorajax import flow, sharding
+from sorajax import conditioning, flow, sharding
 
 SOLVERS = ("euler", "heun", "unipc")
 
@@ -43,9 +43,11 @@ def _cfg_velocity(model, x, sigma, text_kv, guidance, use_cfg: bool, cond=None, 
         c_lat, c_mask, per_frame = cond
         fm = c_mask[:, :, None, None, None]
         x = jnp.where(fm, c_lat, x)
-        sig = jnp.where(jnp.repeat(c_mask, per_frame, axis=1), 0.0, sigma).astype(x.dtype)  # (B, N)
+        # (B, 2) levels (sigma, 0) and each token's (B, N): conditioning.token_levels
+        sig = conditioning.token_levels(jnp.full((b,), sigma, x.dtype), c_mask, per_frame)
     if use_cfg:  # (2B, t, h, w, z)
-        x, sig = jnp.concatenate([x, x], axis=0), jnp.concatenate([sig, sig], axis=0)
+        x = jnp.concatenate([x, x], axis=0)
+        sig = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=0), sig)
         start = None if start is None else jnp.concatenate([start, start], axis=0)
     if cache is None:
         v = model.velocity(x, sig, None, text_kv=text_kv, start=start)

@@ -288,7 +288,7 @@ def conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, patch_size, start
     fm = fmask[:, :, None, None, None]
     xt = jnp.where(fm, x0, flow.add_noise(x0, noise, sigma))
     per_frame = (x0.shape[2] // ph) * (x0.shape[3] // pw)
-    v = model.velocity(xt, conditioning.token_sigmas(sigma, fmask, per_frame), ctx, start=start)
+    v = model.velocity(xt, conditioning.token_levels(sigma, fmask, per_frame), ctx, start=start)
     return flow.flow_loss(v, flow.velocity_target(x0, noise), (~fm).astype(jnp.float32))
 
 
@@ -322,6 +322,7 @@ class DiTStage(Stage):
         resumable: sorajax/latents.py). With vae.normalize_latents its per-channel statistics
         become the VAE's latents_mean/std, so the DiT sees unit-scale data."""
         config = self.config
+        self._mesh = mesh
         if self.tcfg.eval_every and jax.process_count() > 1:
             raise UserError(f"{self.section}.eval_every={self.tcfg.eval_every}: in-training evaluation "
                             "samples on one host; set it to 0 for a multi-process run and evaluate "
@@ -386,7 +387,10 @@ class DiTStage(Stage):
         patch = self.cfgs[1].patch_size
         shapes = src.clip_shapes
         sizes = [packing.clip_tokens(s, patch) for s in shapes]
-        tokens = int(self.tcfg.pack_tokens) or max(sizes)
+        # pack_tokens 0: the largest clip, rounded up so the context-parallel devices split a row.
+        cp = 1 if self._mesh is None else sharding.axis_size(
+            self._mesh, sharding.normalize_rules(self.config.sharding_rules), "length")
+        tokens = int(self.tcfg.pack_tokens) or packing.token_budget(max(sizes), cp)
         budget = packing.Budget(rows=int(self.tcfg.batch_size), tokens=tokens, max_clips=int(self.tcfg.pack_clips))
         return budget, sizes, max(int(s[0]) // patch[0] for s in shapes)
 

@@ -159,6 +159,12 @@ def _validate_native(d, rt: int, multiple: int) -> None:
                                                         for f in d.durations),
           "data.durations", d.durations, f"must be a tuple of frame counts 1 + {rt}k")
     _need(is_num(d.image_share) and 0 <= d.image_share <= 1, "data.image_share", d.image_share, "must be in [0, 1]")
+    _need(isinstance(d.resolutions, (tuple, list)) and all(
+        isinstance(r, (tuple, list)) and len(r) == 2 and all(is_int(v) and v >= multiple for v in r)
+        for r in d.resolutions), "data.resolutions", d.resolutions,
+        f"must be a tuple of (height, width) pixel budgets, each side >= {multiple}, e.g. ((720, 1280), (480, 832))")
+    _need(not tuple(d.resolutions) or tuple(d.aspect_ratios), "data.resolutions", d.resolutions,
+          "is read only with native shapes: set data.aspect_ratios too")
 
 
 def validate(config, data: bool = True) -> None:
@@ -196,8 +202,9 @@ def validate(config, data: bool = True) -> None:
     _need((1 + (d.frames - 1) // rt) % pt == 0, "data.frames", d.frames,
           f"gives {1 + (d.frames - 1) // rt} latent frames, not divisible by the DiT temporal patch {pt}")
     _validate_native(d, rt, rs * max(ph, pw))
-    _need(not tuple(d.aspect_ratios) or d.source == "world", "data.aspect_ratios", tuple(d.aspect_ratios),
-          "native shapes are drawn by the synthetic world (data.source='world')")
+    # Native shapes: the world draws them; a prepared folder keeps each video's own (prepare); a
+    # latent cache holds whatever shapes it was cached at (the settings then describe them, for
+    # the AOT planner's packed budget and sample's messages).
     for stage in stages:
         _validate_stage(config, stage, rt, num_train)
     if "dit" in stages:
@@ -263,7 +270,13 @@ def validate_mesh(config, mesh) -> None:
                 f"{name}.batch_size={b}: must be a multiple of {dp * accum} (the {dp} data-parallel "
                 f"devices of the mesh ({shape}) x grad_accum={accum})"
                 + (f" and of the {nproc} processes" if nproc > 1 else ""))
-    if "dit" in config.stages:
+    if "dit" in config.stages and config.dit_train.packing == "pack":
+        # Packed rows are the sequences that context parallelism splits, not the clips in them.
+        cp, n = sharding.axis_size(mesh, rules, "length"), int(config.dit_train.pack_tokens)
+        if n and n % cp:
+            raise UserError(f"dit_train.pack_tokens={n}: must be a multiple of {cp}, the context-parallel "
+                            f"devices of the mesh ({shape}) that split each packed row")
+    elif "dit" in config.stages:
         vae_cfg, dit_cfg, _ = video.model_configs(config)
         d = config.data
         check_context_split(vae_cfg, dit_cfg, video.window_frames(config), d.height, d.width, mesh, rules,

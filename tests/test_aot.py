@@ -84,6 +84,36 @@ def test_aot_compile_cli_on_a_v5p_topology(tmp_path):
     assert plan["sampler_step"]["fits"]
 
 
+def test_aot_compile_plans_a_packed_native_shape_step(tmp_path):
+    """dit_train.packing='pack' (as configs/pods/wan14b_native_v5p256.py at scale): the planner
+    compiles the packed step -- rows of one token budget, sized from every clip shape of the
+    native settings (3 aspect ratios x 2 durations + images) -- with all-to-all context
+    parallelism around the splash kernel, which masks by segment id."""
+    out = tmp_path / "plan.json"
+    r = run_cli(["scripts/aot_compile.py", "--config", "configs/wan2_1_t2v_14b.py:runlocal",
+                 "--topology", "v5p-16", "--mesh", "data=2,fsdp=2,context=2,tensor=1", "--global-batch", "8",
+                 "--no-sampler", "--out", str(out),
+                 "--config.dit.overrides={'context_parallel': 'all_to_all', 'scan_layers': True, "
+                 "'remat': 'full', 'attention': 'splash'}", "--config.dit_train.packing=pack",
+                 "--config.data.aspect_ratios=(1.0, 1.5, 0.667)", "--config.data.durations=(9, 13)",
+                 "--config.data.image_share=0.2", "--config.data.height=32", "--config.data.width=48",
+                 "--config.vae.precompute_latents=True"], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads(out.read_text())
+    pk = plan["config"]["packing"]
+    assert pk["rows"] == 8 and pk["clips_per_row"] == 8 and len(pk["clip_shapes"]) == 9
+    assert pk["tokens_per_row"] == max(c["tokens"] for c in pk["clip_shapes"]) == 24  # 13 x 32 x 48
+    assert {c["frames"] for c in pk["clip_shapes"]} == {1, 9, 13}
+    ts = plan["train_step"]
+    assert ts["fits"] and ts["collectives"]["all-to-all"]["count"] > 0 and ts["model_flops_per_step"] > 0
+    # A budget the context-parallel devices cannot split is one line, exit 2.
+    r = run_cli(["scripts/aot_compile.py", "--config", "configs/wan2_1_t2v_14b.py:runlocal",
+                 "--topology", "v5p-16", "--mesh", "data=2,fsdp=2,context=2,tensor=1", "--global-batch", "8",
+                 "--no-sampler", "--config.dit_train.packing=pack", "--config.dit_train.pack_tokens=25",
+                 "--config.vae.precompute_latents=True"])
+    assert r.returncode == 2 and "pack_tokens=25: must be a multiple of 2" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
 def test_aot_compile_bad_input_is_one_line(tmp_path, wan_ckpt):
     r = run_cli(["scripts/aot_compile.py", "--config", "configs/toy.py", "--topology", "v9z-8"])
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -122,6 +122,34 @@ def test_benchmark_scores_what_a_generate_function_returns():
     assert blank["metrics"]["color_adherence"] == 0.0
 
 
+def test_metrics_by_shape_on_ground_truth_at_native_shapes():
+    """configs/native.py's shapes: the benchmark repeated per shape (evaluate_workdir does this
+    for a native run) scores the ground truth rendered at each shape high, with the names of
+    `metrics`; an image scores colour, shape, size, count and background only. A clip of the
+    wrong aspect ratio (or a video for an image) does not pass as the shape asked for."""
+    from configs import native
+
+    cases = ev.shape_cases(native.get_config().data)
+    assert cases == {"square": (9, 32, 32), "landscape": (9, 32, 48), "portrait": (9, 48, 32), "image": (1, 32, 48)}
+    gt = lambda f, h, w: ev.ground_truth_generate(world.WorldConfig(frames=f, height=h, width=w))
+    r = ev.by_shape(gt, cases, prompts="validation")
+    names = set(ev.run_benchmark(gt(9, 32, 32), prompts="validation", num_prompts=2)["metrics"])
+    assert set(r["metrics_by_shape"]) == set(cases) and r["shapes"]["portrait"] == {"frames": 9, "height": 48, "width": 32}
+    for name, m in r["metrics_by_shape"].items():
+        assert set(m) == names
+        if name == "image":
+            assert m["direction_adherence"] is None and m["persistence"] is None
+            assert m["color_adherence"] >= 0.98 and m["shape_adherence"] >= 0.9, m
+        else:
+            assert m["color_adherence"] >= 0.98 and m["direction_adherence"] >= 0.98, (name, m)
+
+    def wrong(f, h, w):  # the generator ignores the size asked for
+        truth = gt(f, 32, 32)
+        return lambda caps, seed: truth(caps, seed)
+    with pytest.raises(ValueError, match="shape"):
+        ev.by_shape(wrong, {"landscape": (9, 32, 48)}, prompts="validation")
+
+
 def test_seeds_give_standard_errors_and_prompt_sets_switch():
     calls = []
     truth = ev.ground_truth_generate(CFG)

@@ -146,7 +146,15 @@ def test_packed_forward_equals_clips_alone(attention):
         m = nnx.merge(graphdef, st)
         return m.velocity(x, s, m.encode_text(ids, mask))  # start=None: the clip's first latent
 
+    @jax.jit
+    def packed_levels(st, batch):  # the training step's form: K noise levels and an index per token
+        m = nnx.merge(graphdef, st)
+        level = packing.slot_of_tokens(batch["segment_ids"], sig.shape[1])
+        return m.velocity_packed(batch["tokens"], (sig, level), batch["positions"], batch["segment_ids"],
+                                 _context(m, batch), batch["text_segment_ids"], batch["start_tokens"])
+
     v = packed(state, batch)
+    np.testing.assert_allclose(np.asarray(packed_levels(state, batch)), np.asarray(v), atol=1e-5, rtol=1e-5)
     for r, row in enumerate(rows):
         at = 0
         for k, i in enumerate(row):

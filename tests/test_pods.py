@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import run_cli
 
-PRESETS = ("wan14b_v5p256", "wan14b_2xv5p128", "wan14b_60s_v5p1024", "wan1p3b_8xh100")
+PRESETS = ("wan14b_v5p256", "wan14b_2xv5p128", "wan14b_60s_v5p1024", "wan1p3b_8xh100", "wan14b_native_v5p256")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,8 @@ def test_pod_preset_runlocal_trains_from_the_cache_and_samples(name, cache, wan_
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
+    if "native" in name:  # packed: two 12-token clips fill each 24-token row, one compile
+        assert all(x["packing_efficiency"] == 1.0 and x["step_traces"] == 1 for x in rows), rows
     cfg = json.loads((wd / "config.json").read_text())
     assert cfg["data"]["source"] == "latents" and cfg["init_from"] == str(wan_ckpt)
     assert any(f.suffix == ".gif" for f in (wd / "samples").iterdir())

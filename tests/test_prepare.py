@@ -15,6 +15,7 @@ from PIL import Image
 
 from sorajax import config_lib, latents
 from sorajax.data import builders, decode, prepare
+from sorajax.errors import UserError
 from tests.helpers import ROOT, cli_env, run_cli
 
 FPS = 10  # target fps of the module's dataset; --clip-stride 4 makes overlapping 9-frame clips
@@ -239,6 +240,169 @@ def test_training_refuses_a_folder_of_another_shape(prepared, capfd):
         err = capfd.readouterr().err
         assert rc == 2 and words in err.strip().splitlines()[-1], err
     assert not (out.parent / "never").exists()
+
+
+# ==============================================================================================
+# Native shapes (--aspect-ratios / a --config with data.aspect_ratios, docs/SHAPES.md).
+# ==============================================================================================
+# Width/height 1, 2 or 0.5 at about 32x32 pixels, sides multiples of 8; 5- or 9-frame clips.
+NATIVE = ["--fps", 10, "--aspect-ratios", "1,2,0.5", "--durations", "5,9", "--size-multiple", 8,
+          "--workers", 1]
+# file -> ((frames, height, width) of its clips, clips, its own width/height)
+NATIVE_EXPECTED = {
+    "land.mp4": ((9, 16, 32), 1, 2.0),  # 64x32 (w x h), 12 frames: the longest duration, 1 clip
+    "port.mp4": ((5, 32, 16), 1, 0.5),  # 32x64, 7 frames: 9 do not fit, 5 do
+    "square.mp4": ((9, 32, 32), 2, 1.0),  # 48x48, 20 frames: two 9-frame clips
+    "wide.png": ((1, 16, 32), 1, 60 / 36),  # 60x36 (1.67, nearest 2): a 1-frame clip
+}
+
+
+def _native_folder(d):
+    """The native-shape test folder: NATIVE_EXPECTED plus a video too short for any duration."""
+    os.makedirs(d)
+    iio.mimwrite(d / "land.mp4", _gray_video(12, 32, 64), fps=10, macro_block_size=1)
+    iio.mimwrite(d / "port.mp4", _gray_video(7, 64, 32), fps=10, macro_block_size=1)
+    iio.mimwrite(d / "square.mp4", _gray_video(20, 48, 48), fps=10, macro_block_size=1)
+    iio.mimwrite(d / "short.mp4", _gray_video(3, 48, 48), fps=10, macro_block_size=1)  # < 5 frames
+    wide = np.zeros((36, 60, 3), np.uint8)  # 36 rows cover 16/32 x 60 = 30: 3 cut at top and bottom
+    wide[:3], wide[3:33, :, 1], wide[33:] = 255, 255, 255
+    Image.fromarray(wide).save(d / "wide.png")
+    for name in ("land", "port", "square", "short", "wide"):
+        (d / f"{name}.txt").write_text(f"a {name} clip")
+    return d
+
+
+def _native_data_cfg(out, **native):
+    """A folder config's data section with NATIVE's settings (or `native` overrides)."""
+    cfg = _data_cfg(out)
+    with cfg.unlocked():
+        cfg.data.update(**dict(dict(aspect_ratios=(1.0, 2.0, 0.5), durations=(5, 9), size_multiple=8),
+                               **native))
+    return cfg.data
+
+
+@pytest.fixture(scope="module")
+def native_prepared(tmp_path_factory):
+    """(src, out, report) of the native-shape folder prepared in process."""
+    d = tmp_path_factory.mktemp("native")
+    src, out = _native_folder(d / "src"), d / "out"
+    assert prepare.main([str(a) for a in ["--src", src, "--out", out, *NATIVE]]) == 0
+    return src, out, json.loads((out / "report.json").read_text())
+
+
+def test_native_shapes_keep_each_files_aspect_ratio_and_longest_duration(native_prepared):
+    """Each file's clips are the native size of the configured aspect ratio nearest its own (at
+    32x32 pixels) and the longest duration it allows; the image is one frame; the dataset stores
+    every clip at its shape and folder_source gives the shapes (clip_shapes) without decoding."""
+    from sorajax.data import shapes
+
+    _, out, report = native_prepared
+    rows = {f["file"]: f for f in report["files"]}
+    assert rows["short.mp4"]["reason"] == "too short" and "fewer than 5 frames" in rows["short.mp4"]["detail"]
+    for name, (shape, clips, own) in NATIVE_EXPECTED.items():
+        nearest = min((1.0, 2.0, 0.5), key=lambda a: abs(np.log(own / a)))
+        assert shape[1:] == shapes.native_size(nearest, 32 * 32, 8), name
+        assert rows[name]["shape"] == list(shape) and rows[name]["clips"] == clips, rows[name]
+    assert report["counts"]["clips_by_shape"] == {"1x16x32": 1, "5x32x16": 1, "9x16x32": 1, "9x32x32": 2}
+    assert report["dataset"]["native"] == {"aspect_ratios": [1.0, 2.0, 0.5], "durations": [5, 9],
+                                           "size_multiple": 8}
+
+    src = builders.folder_source(_native_data_cfg(out), "train")
+    assert isinstance(src, builders.ShapedSource)
+    exs = [builders.decode_example(src[i]) for i in range(len(src))]
+    assert [e["frames"].shape[:3] for e in exs] == src.clip_shapes
+    assert [(e["meta"]["file"], e["frames"].shape[:3]) for e in exs] == [
+        (name, shape) for name, (shape, clips, _) in sorted(NATIVE_EXPECTED.items()) for _ in range(clips)]
+    by_file = {(e["meta"]["file"], e["meta"]["clip"]): e for e in exs}
+    # Frame k of a clip is source frame k (grey 5k: 10 fps in and out); square's second clip starts at 9.
+    for (name, clip), first in (("land.mp4", 0), 0), (("port.mp4", 0), 0), (("square.mp4", 1), 9):
+        f = by_file[(name, clip)]["frames"]
+        np.testing.assert_allclose(f.astype(int).mean(axis=(1, 2, 3)), 5 * (first + np.arange(len(f))), atol=4)
+    assert by_file[("square.mp4", 1)]["meta"]["start_s"] == 0.9
+    # The image: scaled to cover 16x32 and centre-cropped only to its ratio (the 3 white rows at
+    # the top and bottom fall outside), one frame.
+    img = by_file[("wide.png", 0)]["frames"].astype(int)
+    assert img.shape == (1, 16, 32, 3) and (img[..., 1] == 255).all() and img[..., [0, 2]].max() == 0
+
+
+def test_native_rerun_decodes_nothing_other_settings_decode_again(native_prepared, tmp_path, capfd):
+    src, out0, report0 = native_prepared
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    rc, stdout, err = run(capfd, ["--src", src, "--out", out, *NATIVE])
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"] == {"decoded": [], "reused": 5} and report["dataset"] == report0["dataset"]
+    assert "clips by shape (frames x height x width): 1x16x32 1, 5x32x16 1, 9x16x32 1, 9x32x32 2" in stdout
+    # Other native settings are other work keys: every file is decoded again.
+    rc, _, err = run(capfd, ["--src", src, "--out", out, *NATIVE[:5], "5", *NATIVE[6:]])
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["decoded"] == sorted([*NATIVE_EXPECTED, "short.mp4"])
+    assert report["counts"]["clips_by_shape"] == {"1x16x32": 1, "5x16x32": 2, "5x32x16": 1, "5x32x32": 4}
+    # The fixed shape (no --aspect-ratios) too, and it is the one shape as before.
+    rc, _, err = run(capfd, ["--src", src, "--out", out, "--fps", 10, "--workers", 1, "--frames", 5])
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["run"]["decoded"]) == 5 and "clips_by_shape" not in report["counts"]
+    assert "native" not in report["dataset"] and not any("shape" in f for f in report["files"])
+    ds = builders.source(_fixed_cfg(out, 5), "train", build=False)
+    assert not isinstance(ds, builders.ShapedSource) and ds[0]["frames"].shape == (5, 32, 32, 3)
+
+
+def _fixed_cfg(out, frames):
+    cfg = _data_cfg(out)
+    with cfg.unlocked():
+        cfg.data.frames = frames
+    return cfg.data
+
+
+def test_native_folder_must_match_the_training_config(native_prepared, tmp_path, capfd):
+    """folder_source refuses a native folder to a config with other native settings or one shape
+    (and a one-shape folder to a native config); `--config` takes the settings from the config."""
+    src, out, _ = native_prepared
+    for data, words in ((_native_data_cfg(out, durations=(9,)), "but the config asks (aspect_ratios=[1.0, 2.0, 0.5], durations=[9]"),
+                        (_fixed_cfg(out, 9), "but the config asks every clip 9x32x32"),
+                        (_native_data_cfg(out, height=64), "height=64")):
+        with pytest.raises(UserError, match="prepared with native shapes") as e:
+            builders.folder_source(data, "train")
+        assert words in str(e.value), e.value
+    # --config configs/native.py:runlocal: width/height 1 or 1.5 at 32x48 pixels, 9 frames.
+    cfg = config_lib.load_config(str(ROOT / "configs" / "native.py:runlocal"))
+    out2 = tmp_path / "out2"
+    rc, _, err = run(capfd, ["--src", src, "--out", out2, "--fps", 10, "--workers", 1,
+                             "--config", ROOT / "configs" / "native.py:runlocal"])
+    assert rc == 0, err
+    with cfg.unlocked():
+        cfg.data.update(source="folder", dir=str(out2))
+    ds = builders.folder_source(cfg.data, "train")
+    assert [tuple(ds[i]["frames"].shape[:3]) for i in range(len(ds))] == ds.clip_shapes == [
+        (9, 32, 48), (9, 32, 32), (9, 32, 32), (1, 32, 48)]  # land, square x2, wide (port: too short)
+    with pytest.raises(UserError, match="every clip is 9x32x32 .* but the config asks native shapes"):
+        builders.folder_source(_native_data_cfg(_prepared_fixed(src, tmp_path / "fixed", capfd)), "train")
+
+
+def _prepared_fixed(src, out, capfd):
+    rc, _, err = run(capfd, ["--src", src, "--out", out, "--fps", 10, "--workers", 1])
+    assert rc == 0, err
+    return out
+
+
+def test_native_flags_help_and_bad_values_exit_2_one_line(tmp_path, capfd):
+    rc, out, _ = run(capfd, ["--help"])
+    assert rc == 0 and "--aspect-ratios" in out and "--durations" in out and "native" in out
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"never decoded")
+    for args, words in ((["--aspect-ratios", "1", "--durations", "10"], "--durations 10: the causal VAE takes 1 + 4k"),
+                        (["--aspect-ratios", "1,0"], "--aspect-ratios 1,0: must be comma-separated width/height ratios > 0"),
+                        (["--durations", "9"], "--durations: read only with native shapes: add --aspect-ratios"),
+                        (["--config", "configs/native.py", "--aspect-ratios", "1"],
+                         "--config and --aspect-ratios: give one or the other")):
+        rc, _, err = run(capfd, ["--src", src, "--out", tmp_path / "data", *args])
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], err
+        assert not (tmp_path / "data").exists()
 
 
 # A 1-layer DiT and text encoder: the same code paths as configs/videos.py:runlocal, a third of

@@ -15,6 +15,9 @@ A video folder (`python -m sorajax.data.prepare`, docs/DATA.md) has the same lay
 
     DATA_DIR/video_folder/f9_32x32_fps8_<content hash>/1.0.0/video_folder-train.array_record-*
 
+A folder prepared with native shapes (..._fps8_native_<content hash>) keeps each file's own clip
+shape; its metadata.json (TFDS `info.metadata`) holds the settings and every clip's shape.
+
 `source(data_cfg, split, build=)` picks the one a config's `data.source` names.
 """
 from __future__ import annotations
@@ -273,15 +276,27 @@ class VideoFolderConfig(tfds.core.BuilderConfig):
     height: int = 32
     width: int = 32
     fps: float = 8.0
+    native_json: str = ""  # folder_native settings (sorted JSON); "" = every clip frames x height x width
 
 
-def folder_config(*, frames: int, height: int, width: int, fps: float, digest: str):
-    """The config of a prepared folder; its name holds the clip shape and a content digest (which
-    the DiT latent cache keys on)."""
+def folder_native(data_cfg) -> dict | None:
+    """The native-shape settings a prepared folder is cut by (shapes.native_settings without
+    image_share: a folder's images are its own), or None for one clip shape."""
+    native = shapes.native_settings(data_cfg)
+    return None if native is None else {k: v for k, v in native.items() if k != "image_share"}
+
+
+def folder_config(*, frames: int, height: int, width: int, fps: float, digest: str,
+                  native: dict | None = None):
+    """The config of a prepared folder; its name holds the clip shape (the pixel budget with
+    `native` shapes) and a content digest (which the DiT latent cache keys on)."""
     f = f"{fps:g}".replace(".", "p")
-    return VideoFolderConfig(name=f"f{frames}_{height}x{width}_fps{f}_{digest}",
-                             description=f"video folder clips {frames}x{height}x{width} at {fps:g} fps",
-                             frames=frames, height=height, width=width, fps=float(fps))
+    return VideoFolderConfig(name=f"f{frames}_{height}x{width}_fps{f}_" + ("native_" if native else "") + digest,
+                             description=(f"video folder clips {frames}x{height}x{width}" if not native else
+                                          f"video folder clips at native shapes of about {height}x{width}")
+                             + f" at {fps:g} fps",
+                             frames=frames, height=height, width=width, fps=float(fps),
+                             native_json=json.dumps(native, sort_keys=True) if native else "")
 
 
 class VideoFolder(tfds.core.GeneratorBasedBuilder):
@@ -294,18 +309,29 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = []
 
     def __init__(self, *, items: dict[str, list[dict]] | None = None, **kwargs):
-        # items: split -> [{"clips_path", "count", "caption", "file", "kind", "stride"}, ...]
+        # items: split -> [{"clips_path", "count", "caption", "file", "kind", "stride"[, "shape"]}, ...]
         self._items = items or {}
         super().__init__(**kwargs)
 
+    def _shape(self, item) -> tuple[int, int, int]:
+        c = self.builder_config
+        return tuple(item["shape"]) if c.native_json else (c.frames, c.height, c.width)
+
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
+        metadata = None
+        if c.native_json:  # read back by folder_source: the clips' shapes without decoding them
+            metadata = tfds.core.MetadataDict(
+                native=json.loads(c.native_json), frames=c.frames, height=c.height, width=c.width,
+                clip_shapes={s: [[it["count"], *self._shape(it)] for it in items]
+                             for s, items in self._items.items()})
         return tfds.core.DatasetInfo(
             builder=self,
             description="Clips cut from a folder of videos and images, with captions (sorajax).",
             features=clip_features(c),  # meta: JSON file, clip, start_s, kind
             disable_shuffling=True,  # file order (sorted paths), then clip order
             homepage="https://example.invalid/sorajax",
+            metadata=metadata,
         )
 
     def _split_generators(self, dl_manager):
@@ -315,8 +341,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         key = 0
         for it in items:
-            clips = np.memmap(it["clips_path"], np.uint8, "r",
-                              shape=(it["count"], c.frames, c.height, c.width, 3))
+            clips = np.memmap(it["clips_path"], np.uint8, "r", shape=(it["count"], *self._shape(it), 3))
             for j in range(it["count"]):
                 start = None if it["kind"] == "image" else round(j * it["stride"] / c.fps, 3)
                 meta = json.dumps({"file": it["file"], "clip": j, "start_s": start, "kind": it["kind"]})
@@ -340,21 +365,45 @@ def folder_path(data_dir: str) -> str:
 
 def folder_source(data_cfg, split: str):
     """The prepared folder split at data_cfg.dir, refused (UserError) unless its clips are the
-    config's data.frames x height x width."""
+    config's data.frames x height x width, or with native shapes (data.aspect_ratios) unless it
+    was prepared with the config's native settings; then a ShapedSource (every clip's shape from
+    the dataset's metadata)."""
     if not data_cfg.dir:
         raise UserError("data.dir='': data.source='folder' reads a prepared DATA_DIR; pass "
                         "--config.data.dir=DATA_DIR (python -m sorajax.data.prepare writes one)")
     builder = tfds.builder_from_directory(folder_path(data_cfg.dir))
     shape = tuple(builder.info.features["frames"].shape)
-    want = (data_cfg.frames, data_cfg.height, data_cfg.width, 3)
-    if shape != want:
+    native = folder_native(data_cfg)
+    fixed = (data_cfg.frames, data_cfg.height, data_cfg.width)
+    # Every setting a native folder's shapes depend on (the pixel budget: height x width).
+    want = dict(native, height=data_cfg.height, width=data_cfg.width) if native else None
+    meta = builder.info.metadata
+    if shape[0] is None:
+        got = dict(meta["native"], height=meta["height"], width=meta["width"])
+        if got != want:
+            raise UserError(f"data.dir={data_cfg.dir!r}: prepared with native shapes {_settings(got)} "
+                            f"but the config asks {_settings(want) if want else 'every clip ' + 'x'.join(map(str, fixed))}; "
+                            "prepare again with --config (the training config), or change data.aspect_ratios/"
+                            "durations/size_multiple/height/width")
+    elif native:
+        raise UserError(f"data.dir={data_cfg.dir!r}: every clip is {'x'.join(map(str, shape[:3]))} (frames x "
+                        f"height x width) but the config asks native shapes {_settings(want)}; prepare again "
+                        "with --config (the training config), or set data.aspect_ratios=()")
+    elif shape != (*fixed, 3):
         raise UserError(f"data.dir={data_cfg.dir!r}: clips are {shape[0]}x{shape[1]}x{shape[2]} "
-                        f"(frames x height x width) but the config asks {want[0]}x{want[1]}x{want[2]}; "
+                        f"(frames x height x width) but the config asks {'x'.join(map(str, fixed))}; "
                         "prepare again with --frames/--height/--width or set data.frames/height/width")
     if split not in builder.info.splits:
         raise UserError(f"data.dir={data_cfg.dir!r}: no {split!r} split (has "
                         f"{', '.join(builder.info.splits)}); prepare with --val-fraction > 0 for one")
-    return builder.as_data_source(split=split)
+    src = builder.as_data_source(split=split)
+    if not native:
+        return src
+    return ShapedSource(src, [s for n, *s in meta["clip_shapes"][split] for _ in range(n)])
+
+
+def _settings(s: dict) -> str:
+    return "(" + ", ".join(f"{k}={v}" for k, v in sorted(s.items())) + ")"
 
 
 def source(data_cfg, split: str, *, build: bool):

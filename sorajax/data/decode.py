@@ -1,9 +1,14 @@
-"""One input file of a video folder -> fixed-size uint8 clips (the per-file step of
+"""One input file of a video folder -> uint8 clips (the per-file step of
 `python -m sorajax.data.prepare`, docs/DATA.md).
 
     file ─ decode (imageio-ffmpeg; Pillow for GIFs and images) ─ resample to the target fps
          ─ scale the short side + centre crop to H x W (area resize) ─ clips of N frames every
          `stride` frames ─ WORK/KEY.clips (raw uint8, (clips, N, H, W, 3)) + WORK/KEY.json
+
+Native shapes (task["native"], docs/SHAPES.md): H x W is the file's own size, the table's entry
+for the configured aspect ratio nearest the file's (`native_hw`), N the longest configured
+duration its length allows (`cut_longest`), and an image is one frame. Every clip of one file has
+the same shape, recorded in KEY.json as "shape".
 
 This module is JAX-free on purpose: `prepare --workers N` runs it as `python -P decode.py` in
 worker processes, and importing anything under `sorajax` would import the package, hence Flax and
@@ -14,7 +19,7 @@ duplicates, splits and the dataset; this file owns pixels.
 
 Results: KEY.json is written last and marks the file done (a rerun after a kill skips it):
     {"file", "kind": "video"|"image", "status": "used"|"skipped", "reason", "detail", "sha256",
-     "width", "height", "fps", "duration_s", "source_frames", "clips"}
+     "width", "height", "fps", "duration_s", "source_frames", "clips"[, "shape": [N, H, W] if native]}
 Worker protocol: one JSON task per stdin line -> one JSON result per stdout line.
 """
 from __future__ import annotations
@@ -115,6 +120,44 @@ def cut_clips(frames, n: int, stride: int, max_clips: int = 0):
             skip = stride - drop
 
 
+def cut_longest(frames, durations, stride: int = 0, max_clips: int = 0):
+    """Frames -> clips of the longest of `durations` that the frames allow, cut as cut_clips cuts
+    them (stride 0 = the duration): the longest when there are at least that many frames, else
+    (the frames are then all held, fewer than the longest) the longest duration that fits."""
+    longest = max(durations)
+    head, made = [], False
+
+    def keep(it):  # the frames before the first clip of the longest duration
+        for f in it:
+            if not made:
+                head.append(f)
+            yield f
+
+    for clip in cut_clips(keep(frames), longest, stride or longest, max_clips):
+        if not made:
+            made = True
+            head.clear()
+        yield clip
+    fits = [d for d in durations if d <= len(head)]
+    if not made and fits:
+        yield from cut_clips(iter(head), max(fits), stride or max(fits), max_clips)
+
+
+def native_hw(height: int, width: int, native: dict) -> tuple[int, int]:
+    """The (height, width) of a height x width source under native shapes: native["sizes"][i]
+    lists the sizes of the configured aspect ratio native["aspects"][i] (prepare computes them
+    with shapes.native_size), largest pixel budget first; the source takes the aspect ratio
+    nearest its own in log ratio, at the largest size it covers. Skip ("too small") if none."""
+    own = math.log(width / height)
+    i = min(range(len(native["aspects"])), key=lambda k: abs(own - math.log(native["aspects"][k])))
+    for h, w in native["sizes"][i]:
+        if h <= height and w <= width:
+            return h, w
+    h, w = native["sizes"][i][-1]
+    raise Skip("too small", f"{width}x{height} (width x height) is smaller than {w}x{h}, the size of "
+               f"its aspect ratio {native['aspects'][i]:g}; upscaling would only blur it")
+
+
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -144,15 +187,20 @@ def _write_json(path: str, obj) -> None:
 
 
 def _clips(task, kind, info):
-    """The clips of one file, written to `clips_out` as they are made; returns how many."""
-    n, h, w = task["frames"], task["height"], task["width"]
+    """The clips of one file (an iterator: a video streams)."""
+    native = task.get("native")
+    n = 1 if native else task["frames"]  # of a still clip: native shapes keep an image 1 frame
     stride, max_clips, fps = task["stride"], task["max_clips"], task["fps"]
     path = task["path"]
+    size = [task["height"], task["width"]]  # native shapes: the file's own, from its first frame
 
     def check_size(frame):
         fh, fw = frame.shape[:2]
         info.setdefault("width", int(fw))
         info.setdefault("height", int(fh))
+        if native:
+            size[:] = native_hw(fh, fw, native)
+        h, w = size
         if fh < h or fw < w:
             raise Skip("too small", f"{fw}x{fh} (width x height) is smaller than the target "
                        f"{w}x{h}; upscaling would only blur it")
@@ -161,7 +209,7 @@ def _clips(task, kind, info):
         frame = _image_frame(path)
         check_size(frame)
         info.update(source_frames=1, fps=None, duration_s=None)
-        return iter([np.repeat(resize_crop(frame, h, w)[None], n, axis=0)])  # a still clip
+        return iter([np.repeat(resize_crop(frame, *size)[None], n, axis=0)])  # a still clip
 
     reader = None
     if path.lower().endswith(".gif"):
@@ -169,7 +217,7 @@ def _clips(task, kind, info):
             frame = _image_frame(path)
             check_size(frame)
             info.update(source_frames=1, fps=None, duration_s=None, kind="image")
-            return iter([np.repeat(resize_crop(frame, h, w)[None], n, axis=0)])
+            return iter([np.repeat(resize_crop(frame, *size)[None], n, axis=0)])
         frames = _gif_frames(path)
     else:
         import imageio.v2 as iio  # imageio-ffmpeg's reader: streams frames through a pipe
@@ -189,12 +237,16 @@ def _clips(task, kind, info):
         last_i, last = -1, None
         for i, frame in it:
             if i != last_i:
-                last_i, last = i, resize_crop(frame, h, w)
+                last_i, last = i, resize_crop(frame, *size)
             yield last
 
     def clips():
         try:
-            yield from cut_clips(resized(resample(counting(frames), fps)), n, stride, max_clips)
+            kept = resized(resample(counting(frames), fps))
+            if native:
+                yield from cut_longest(kept, native["durations"], stride, max_clips)
+            else:
+                yield from cut_clips(kept, n, stride, max_clips)
         finally:
             if reader is not None:
                 reader.close()
@@ -212,23 +264,28 @@ def process(task: dict) -> dict:
     out, rel = task["out"], task["file"]
     kind = "image" if os.path.splitext(rel)[1].lower() in IMAGE_EXTS else "video"
     info = {"file": rel, "kind": kind, "status": "used", "reason": None, "detail": None}
-    n, h, w = task["frames"], task["height"], task["width"]
+    native = task.get("native")
+    n = min(native["durations"]) if native else task["frames"]  # the fewest frames a clip takes
+    shape = None if native else (n, task["height"], task["width"], 3)  # native: the first clip's
     clips_path = out + ".clips"
     count = 0
     try:
         info["sha256"] = file_sha256(task["path"])
 
         def write(tmp):
-            nonlocal count
+            nonlocal count, shape
             with open(tmp, "wb") as f:
                 for clip in _clips(task, kind, info):
-                    assert clip.shape == (n, h, w, 3) and clip.dtype == np.uint8, clip.shape
+                    shape = shape or clip.shape
+                    assert clip.shape == shape and clip.dtype == np.uint8, (clip.shape, shape)
                     f.write(np.ascontiguousarray(clip).tobytes())
                     count += 1
             if count == 0:
                 fr, dur = info.get("source_frames", 0), info.get("duration_s") or 0
                 raise Skip("too short", f"{dur:g} s ({fr} frames) gives fewer than {n} frames "
                            f"at {task['fps']:g} fps")
+            if native:
+                info["shape"] = [int(v) for v in shape[:3]]
 
         _replace_atomic(write, clips_path)
     except Skip as e:

@@ -1,14 +1,20 @@
 """A folder of videos, images and captions -> a TFDS array_record dataset that training reads
 (`data.source='folder'`, `data.dir=DATA_DIR`), plus DATA_DIR/report.json. docs/DATA.md.
 
-    python -m sorajax.data.prepare --src VIDEOS_DIR --out DATA_DIR [--fps 8] \\
-        [--frames 9 --height 32 --width 32 | --config configs/videos.py] [--workers N]
+    python -m sorajax.data.prepare --src VIDEOS_DIR --out DATA_DIR [--fps 8] [--workers N] \\
+        [--frames 9 --height 32 --width 32 [--aspect-ratios 1,1.78,0.56 --durations 9,13] |
+         --config configs/videos.py]
 
     VIDEOS_DIR ─ walk (sorted) ─ captions (sidecar NAME.txt > captions.jsonl > captions.csv)
       ─ per file, in worker processes (sorajax/data/decode.py, JAX-free):
           decode ─ fps ─ resize + centre crop ─ N-frame clips  → DATA_DIR/.work/KEY.{clips,json}
       ─ duplicates (same bytes) ─ splits (hash of the file name) ─ TFDS builder (DATA_DIR/.build)
       ─ rename into DATA_DIR/video_folder/ ─ DATA_DIR/report.json
+
+Native shapes (aspect ratios given, docs/SHAPES.md): each file keeps the configured aspect ratio
+nearest its own, at the native size of the pixel budget height x width (shapes.native_size), its
+clips the longest configured duration its length allows, an image one frame; the dataset stores
+each clip at its shape and lists the shapes in its metadata (builders.folder_source).
 
 Resume: KEY hashes the file's path, size, mtime and the clip settings; KEY.json is written last
 (after KEY.clips), so a killed run (even SIGKILL) redoes only the files without a KEY.json, and a
@@ -37,7 +43,7 @@ from absl import logging as absl_logging
 from tqdm import tqdm
 
 from sorajax import cli, config_base, config_lib, fileio
-from sorajax.data import builders, decode
+from sorajax.data import builders, decode, shapes
 from sorajax.errors import RunFailed, UserError
 
 REASONS = ("unreadable", "no caption", "too short", "too small", "duplicate", "unsupported")
@@ -212,7 +218,8 @@ def _build(out: str, items: dict, settings: dict, digest: str) -> str:
     build = os.path.join(out, ".build")
     shutil.rmtree(build, ignore_errors=True)
     cfg = builders.folder_config(frames=settings["frames"], height=settings["height"],
-                                 width=settings["width"], fps=settings["fps"], digest=digest)
+                                 width=settings["width"], fps=settings["fps"], digest=digest,
+                                 native=settings.get("native"))
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)  # "Using custom data configuration" etc.
     try:
@@ -239,7 +246,21 @@ def _summary(files: list[dict]) -> tuple[dict, str]:
               "skipped_by_reason": {r: skipped[r] for r in REASONS if skipped[r]},
               "clips": sum(f["clips"] for f in used)}
     why = ", ".join(f"{r}: {n}" for r, n in counts["skipped_by_reason"].items()) or "none"
+    if any("shape" in f for f in used):  # native shapes: clips per "FxHxW"
+        by_shape = collections.Counter()
+        for f in used:
+            by_shape[tuple(f["shape"])] += f["clips"]
+        counts["clips_by_shape"] = {"x".join(map(str, k)): by_shape[k] for k in sorted(by_shape)}
     return counts, f"{len(files)} files: {len(used)} used, {counts['skipped']} skipped ({why})"
+
+
+def native_table(native: dict, height: int, width: int) -> dict:
+    """What a decode task needs of the native settings (decode.native_hw, decode.cut_longest):
+    every configured aspect ratio's native sizes, largest pixel budget first, and the durations."""
+    budgets = sorted(set(shapes.pixel_budgets(native, height, width)), reverse=True)
+    return {"aspects": native["aspect_ratios"], "durations": native["durations"],
+            "sizes": [[list(shapes.native_size(a, p, native["size_multiple"])) for p in budgets]
+                      for a in native["aspect_ratios"]]}
 
 
 # ==============================================================================================
@@ -247,8 +268,9 @@ def _summary(files: list[dict]) -> tuple[dict, str]:
 # ==============================================================================================
 def prepare(src: str, out: str, *, frames: int, height: int, width: int, fps: float = 8.0,
             workers: int = 1, clip_stride: int = 0, max_clips: int = 0,
-            val_fraction: float = 0.0, log=print) -> dict:
-    """Prepares `src` into `out` (see the module docstring); returns the report dict."""
+            val_fraction: float = 0.0, native: dict | None = None, log=print) -> dict:
+    """Prepares `src` into `out` (see the module docstring); returns the report dict. `native`:
+    builders.folder_native settings (native shapes; clip_stride 0 = each file's duration)."""
     src, out = os.path.abspath(src), os.path.abspath(out)
     if not os.path.isdir(src):
         raise UserError(f"--src {src!r}: not a directory")
@@ -258,6 +280,8 @@ def prepare(src: str, out: str, *, frames: int, height: int, width: int, fps: fl
         raise UserError(f"--out {out!r}: exists and is not a directory")
     settings = {"frames": frames, "height": height, "width": width, "fps": float(fps),
                 "clip_stride": clip_stride or frames, "max_clips": max_clips}
+    if native:  # part of every work key: other native settings decode again
+        settings.update(clip_stride=clip_stride, native=native)
     tables = read_caption_files(src)
     media, files = [], []  # files: the report's rows
     all_files = walk(src)
@@ -298,6 +322,8 @@ def _prepare(src, out, work, media, files, tables, settings, workers, val_fracti
             os.remove(os.path.join(work, name))
     captions, keys, tasks, results = {}, {}, [], {}
     task_settings = {k: settings[k] for k in ("frames", "height", "width", "fps")}
+    if "native" in settings:
+        task_settings["native"] = native_table(settings["native"], settings["height"], settings["width"])
     for rel in media:
         cap, where = find_caption(src, rel, tables)
         if not cap:
@@ -338,10 +364,12 @@ def _prepare(src, out, work, media, files, tables, settings, workers, val_fracti
             else:
                 first_of[r["sha256"]] = rel
                 r["split"] = split_of(rel, val_fraction)
-                items[r["split"]].append({"clips_path": os.path.join(work, keys[rel]) + ".clips",
-                                          "count": r["clips"], "caption": r["caption"],
-                                          "file": rel, "kind": r["kind"],
-                                          "stride": settings["clip_stride"]})
+                item = {"clips_path": os.path.join(work, keys[rel]) + ".clips", "count": r["clips"],
+                        "caption": r["caption"], "file": rel, "kind": r["kind"],
+                        "stride": settings["clip_stride"]}
+                if "shape" in r:  # native shapes
+                    item.update(shape=r["shape"], stride=settings["clip_stride"] or r["shape"][0])
+                items[r["split"]].append(item)
         files.append(r)
     files.sort(key=lambda f: f["file"])
     counts, line = _summary(files)
@@ -362,7 +390,8 @@ def _prepare(src, out, work, media, files, tables, settings, workers, val_fracti
         "src": src, "settings": settings, "val_fraction": val_fraction,
         "dataset": dict(path=rel_path, name=rel_path.split(os.sep)[1], splits=splits,
                         frames=settings["frames"], height=settings["height"],
-                        width=settings["width"], fps=settings["fps"]),
+                        width=settings["width"], fps=settings["fps"],
+                        **({"native": settings["native"]} if "native" in settings else {})),
         "counts": counts,
         "run": {"decoded": sorted(t["file"] for t in tasks), "reused": len(results) - len(tasks)},
         "unmatched_captions": sorted({k for t in tables.values() for k in t} - set(media))[:100],
@@ -375,6 +404,9 @@ def _prepare(src, out, work, media, files, tables, settings, workers, val_fracti
             os.remove(os.path.join(work, name))
     log(f"prepare: {line}; {counts['clips']} clips written "
         f"({', '.join(f'{s} {n}' for s, n in splits.items())})")
+    if "clips_by_shape" in counts:
+        log("prepare: clips by shape (frames x height x width): "
+            + ", ".join(f"{k} {n}" for k, n in counts["clips_by_shape"].items()))
     log(f"prepare: decoded {len(tasks)} file(s), {report['run']['reused']} reused from {work}")
     log(f"prepare: dataset {os.path.join(out, rel_path)}; report {os.path.join(out, 'report.json')}")
     return report
@@ -388,9 +420,11 @@ def parse_args(argv):
     p = cli.Parser(
         prog="python -m sorajax.data.prepare",
         description="Turns a folder of videos and images with captions into a TFDS array_record "
-                    "dataset of fixed-size clips (train with configs/videos.py and "
-                    "--config.data.dir=DATA_DIR) and DATA_DIR/report.json (every file: used or "
-                    "skipped, and why). Resumable: rerun after a kill. See docs/DATA.md.")
+                    "dataset of clips (train with configs/videos.py and --config.data.dir=DATA_DIR) "
+                    "and DATA_DIR/report.json (every file: used or skipped, and why). Clips are "
+                    "--frames x --height x --width, or with native shapes (--aspect-ratios, or a "
+                    "--config with data.aspect_ratios) each file keeps its own aspect ratio and "
+                    "length. Resumable: rerun after a kill. See docs/DATA.md.")
     p.add_argument("--src", required=True, help="folder of videos (mp4 webm mov mkv gif) and "
                    "images (png jpg jpeg webp), searched recursively, with captions")
     p.add_argument("--out", required=True, help="DATA_DIR to write (created; .work/ inside keeps "
@@ -400,13 +434,27 @@ def parse_args(argv):
                    help=f"frames per clip, 1 + {TEMPORAL_STRIDE}k (default {d.frames})")
     p.add_argument("--height", type=int, default=None, help=f"clip height (default {d.height})")
     p.add_argument("--width", type=int, default=None, help=f"clip width (default {d.width})")
+    p.add_argument("--aspect-ratios", default=None, metavar="LIST",
+                   help="native shapes (docs/SHAPES.md): comma-separated width/height ratios, e.g. "
+                        "1,1.78,0.56; each file is resized to the one nearest its own (in log ratio) "
+                        "within --height x --width pixels, sides multiples of --size-multiple, "
+                        "centre-cropped only to that ratio; images become 1-frame clips "
+                        "(default: none, every clip --frames x --height x --width)")
+    p.add_argument("--durations", default=None, metavar="LIST",
+                   help=f"with --aspect-ratios: comma-separated clip lengths, each 1 + {TEMPORAL_STRIDE}k "
+                        "frames; a video's clips take the longest its length allows "
+                        "(default: --frames)")
+    p.add_argument("--size-multiple", type=int, default=None, metavar="N",
+                   help=f"with --aspect-ratios: native sides are multiples of this "
+                        f"(default {d.size_multiple})")
     p.add_argument("--config", default=None,
-                   help="take frames/height/width from this config's data section "
-                        "(configs/NAME.py[:ARG]) instead of --frames/--height/--width")
+                   help="take frames/height/width (and the native-shape settings "
+                        "data.aspect_ratios/durations/size_multiple/resolutions) from this config's "
+                        "data section (configs/NAME.py[:ARG]) instead of the flags above")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="decoding processes (default: the CPUs available; 1 = in this process)")
     p.add_argument("--clip-stride", type=int, default=0,
-                   help="frames between clip starts (default: --frames, no overlap)")
+                   help="frames between clip starts (default: the clip length, no overlap)")
     p.add_argument("--max-clips", type=int, default=0,
                    help="at most this many clips per video, from its start (0 = all)")
     p.add_argument("--val-fraction", type=float, default=0.0,
@@ -414,16 +462,66 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _number_list(flag: str, text: str, kind, what: str) -> tuple:
+    try:
+        vals = tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if not vals or not all(v > 0 and v != float("inf") for v in vals):
+        raise UserError(f"{flag} {text}: must be comma-separated {what}")
+    return vals
+
+
+def _native(a, d) -> dict | None:
+    """The native-shape settings of the flags (a) or of --config's data section (d): checked
+    builders.folder_native settings, or None."""
+    native = builders.folder_native(d)
+    if native is None:
+        return None
+
+    def name(field):
+        return f"--{field.replace('_', '-')}" if a.config is None else f"--config {a.config}: data.{field}"
+    if not all(0 < v < float("inf") for v in native["aspect_ratios"]):
+        raise UserError(f"{name('aspect_ratios')} {native['aspect_ratios']}: must be width/height ratios > 0")
+    for f in native["durations"]:
+        if f < 1 or (f - 1) % TEMPORAL_STRIDE:
+            raise UserError(f"{name('durations')} {f}: the causal VAE takes 1 + {TEMPORAL_STRIDE}k frames "
+                            f"(1, 5, 9, 13, 17, ...)")
+    if native["size_multiple"] < 1:
+        raise UserError(f"{name('size_multiple')} {native['size_multiple']}: must be an integer >= 1")
+    return native
+
+
 def _main(argv) -> int:
     a = parse_args(argv)
     sizes = {k: getattr(a, k) for k in ("frames", "height", "width")}
+    shape_flags = {"--aspect-ratios": a.aspect_ratios, "--durations": a.durations,
+                   "--size-multiple": a.size_multiple}
     if a.config is not None:
-        if any(v is not None for v in sizes.values()):
-            raise UserError("--config and --frames/--height/--width: give one or the other")
+        given = [f"--{k}" for k, v in sizes.items() if v is not None] + [k for k, v in shape_flags.items()
+                                                                          if v is not None]
+        if given:
+            raise UserError(f"--config and {'/'.join(given)}: give one or the other")
         d = config_lib.load_config(a.config).data
         sizes = {"frames": d.frames, "height": d.height, "width": d.width}
+    else:
+        d = config_base.get_config().data
+        if a.aspect_ratios is None:
+            extra = [k for k, v in shape_flags.items() if v is not None]
+            if extra:
+                raise UserError(f"{'/'.join(extra)}: read only with native shapes: add --aspect-ratios")
+        else:
+            d.aspect_ratios = _number_list("--aspect-ratios", a.aspect_ratios, float, "width/height ratios > 0, "
+                                           "e.g. 1,1.78,0.56")
+            if a.durations is not None:
+                d.durations = _number_list("--durations", a.durations, int, "frame counts 1 + 4k, e.g. 9,13")
+            if a.size_multiple is not None:
+                d.size_multiple = a.size_multiple
     base = config_base.get_config().data
     sizes = {k: base[k] if v is None else v for k, v in sizes.items()}
+    if a.config is None:
+        d.update(sizes)  # --frames is the one duration when --durations is not given
+    native = _native(a, d)
     for k, v in sizes.items():
         if not isinstance(v, int) or v < 1:
             raise UserError(f"--{k} {v}: must be an integer >= 1")
@@ -439,7 +537,7 @@ def _main(argv) -> int:
     if not 0 <= a.val_fraction < 1:
         raise UserError(f"--val-fraction {a.val_fraction}: must be in [0, 1)")
     prepare(a.src, a.out, fps=a.fps, workers=a.workers, clip_stride=a.clip_stride,
-            max_clips=a.max_clips, val_fraction=a.val_fraction, **sizes)
+            max_clips=a.max_clips, val_fraction=a.val_fraction, native=native, **sizes)
     return 0
 
 

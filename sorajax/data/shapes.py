@@ -4,7 +4,9 @@ Sora-style training keeps each clip's aspect ratio and length instead of croppin
 one square shape. A clip's size is the one nearest its aspect ratio among sizes of about the
 configured pixel budget (data.height x data.width) whose sides are multiples of
 data.size_multiple (the VAE's spatial stride times the DiT's patch, so the latents patchify);
-its duration is one of data.durations (1 + 4k frames), or 1 frame for images. The world
+its duration is one of data.durations (1 + 4k frames), or 1 frame for images. With
+data.resolutions the pixel budget is one of several ((720, 1280) and (480, 832): 720p and 480p
+clips in one run). The world
 generator draws each clip's aspect ratio, duration and image-ness from its seed
 (`world_clip_shape`), so every clip's shape is known without rendering it.
 """
@@ -37,9 +39,17 @@ def native_settings(data_cfg) -> dict | None:
     d = data_cfg
     if not tuple(d.aspect_ratios):
         return None
-    return {"aspect_ratios": [float(a) for a in d.aspect_ratios],
-            "durations": [int(f) for f in (tuple(d.durations) or (d.frames,))],
-            "image_share": float(d.image_share), "size_multiple": int(d.size_multiple)}
+    out = {"aspect_ratios": [float(a) for a in d.aspect_ratios],
+           "durations": [int(f) for f in (tuple(d.durations) or (d.frames,))],
+           "image_share": float(d.image_share), "size_multiple": int(d.size_multiple)}
+    if tuple(d.resolutions):  # absent when unset, so the world's fingerprint stays as it was
+        out["resolutions"] = [[int(h), int(w)] for h, w in d.resolutions]
+    return out
+
+
+def pixel_budgets(native: dict, height: int, width: int) -> list[int]:
+    """The pixel budgets clips are sized within: data.resolutions, or height x width."""
+    return [h * w for h, w in native.get("resolutions") or [(int(height), int(width))]]
 
 
 def world_clip_shape(seed: int, native: dict, height: int, width: int) -> tuple[int, int, int]:
@@ -50,10 +60,25 @@ def world_clip_shape(seed: int, native: dict, height: int, width: int) -> tuple[
     frames = native["durations"][int(rng.integers(len(native["durations"])))]
     if rng.random() < native["image_share"]:
         frames = 1
-    h, w = native_size(aspect, int(height) * int(width), native["size_multiple"])
+    budgets = pixel_budgets(native, height, width)
+    pixels = budgets[int(rng.integers(len(budgets)))] if len(budgets) > 1 else budgets[0]
+    h, w = native_size(aspect, pixels, native["size_multiple"])
     return int(frames), h, w
 
 
 def all_sizes(native: dict, height: int, width: int) -> list[tuple[int, int]]:
-    """Every (height, width) the settings produce, in aspect-ratio order."""
-    return [native_size(a, int(height) * int(width), native["size_multiple"]) for a in native["aspect_ratios"]]
+    """Every (height, width) the settings produce, by pixel budget, then aspect ratio."""
+    out = []
+    for pixels in pixel_budgets(native, height, width):
+        for a in native["aspect_ratios"]:
+            hw = native_size(a, pixels, native["size_multiple"])
+            if hw not in out:
+                out.append(hw)
+    return out
+
+
+def all_clip_shapes(native: dict, height: int, width: int) -> list[tuple[int, int, int]]:
+    """Every (frames, height, width) a clip can have under the settings: each size at each
+    duration, and as a 1-frame image when image_share > 0."""
+    frames = list(native["durations"]) + ([1] if native["image_share"] > 0 else [])
+    return [(int(f), h, w) for h, w in all_sizes(native, height, width) for f in frames]

@@ -222,11 +222,15 @@ class WanBlock(nnx.Module):
 
     def __call__(self, x, context, mod, cos, sin, kv=None, segments=None):
         """x (B, N, D); context (B, L, D), or None with kv = attn2.project_kv(context);
-        mod (B, S, 6, D) f32 with S in {1, N}; segments: None, or packed clips' ids
-        (tokens (B, N), text (B, L) or None: every token sees the whole text)."""
+        mod (B, S, 6, D) f32 with S in {1, N}, or (mod (B, M, 6, D), level (B, N)): M timestep
+        levels and each token's level (packed clips: see WanDiT.embed_tokens); segments: None, or
+        packed clips' ids (tokens (B, N), text (B, L) or None: every token sees the whole text)."""
         cfg, dt = self.cfg, x.dtype
-        m = self.scale_shift_table[...].astype(F32)[None] + mod  # (B, S, 6, D)
-        shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, i] for i in range(6))  # (B, S, D)
+        mod, level = mod if isinstance(mod, tuple) else (mod, None)
+        m = self.scale_shift_table[...].astype(F32)[None] + mod  # (B, S|M, 6, D)
+        # (B, S, D) each; with levels gathered per token here, one at a time, so no (B, N, 6, D)
+        # tensor is ever built (the packed 14B step's largest buffer and its largest all-reduce).
+        shift, scale, gate, c_shift, c_scale, c_gate = (at_tokens(m[:, :, i], level) for i in range(6))
 
         h = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dt)
         seg, text_seg = (None, None) if segments is None else segments
@@ -245,6 +249,15 @@ class WanBlock(nnx.Module):
 
 
 ACT = ("batch", "length", None)  # the residual stream (B, N, D): batch- and sequence-sharded
+
+
+def at_tokens(x, level):
+    """Per-level values x (B, M, ...) -> per token (B, N, ...) by each token's level index
+    `level` (B, N); level None: x as it is (one value per example, or already per token)."""
+    if level is None:
+        return x
+    idx = level.reshape(level.shape + (1,) * (x.ndim - 2))
+    return sharding.constrain(jnp.take_along_axis(x, idx, axis=1), ("batch", "length") + (None,) * (x.ndim - 2))
 
 
 def remat_policy(name):
@@ -359,8 +372,13 @@ class WanDiT(nnx.Module):
     def embed_tokens(self, tok, t, positions, start_tokens=None, segment_ids=None, text_segment_ids=None):
         """embed() on patch vectors (B, N, pt*ph*pw*Cin) at `positions` (B|1, N, 3), with t (B,)
         or (B, N); `start_tokens` (B, N) bool marks the tokens that get the start embedding;
-        `segment_ids` (B, N) / `text_segment_ids` (B, L): packed clips (forward_packed)."""
+        `segment_ids` (B, N) / `text_segment_ids` (B, L): packed clips (forward_packed).
+        t may also be a pair (levels (B, M), level (B, N) int): M distinct timesteps per row and
+        each token's index into them -- packed clips have one timestep per clip (and 0 for
+        conditioning frames), so the modulation is computed for M values, not N tokens, and
+        gathered per token inside each block."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        t, level = t if isinstance(t, tuple) else (t, None)
         n, d = tok.shape[1], cfg.dim
         hid = self.patch_embedding(tok.astype(dt))  # (B, N, D)
         if cfg.start_embedding and start_tokens is not None:
@@ -373,6 +391,10 @@ class WanDiT(nnx.Module):
         t = jnp.asarray(t, F32)
         if t.ndim == 1:
             t = t[:, None]  # (B, 1)
+        elif level is not None:
+            if t.ndim != 2 or level.shape != (tok.shape[0], n):
+                raise ValueError(f"timestep levels {t.shape} / level {level.shape} must be (B, M) / (B, {n})")
+            level = sharding.constrain(jnp.asarray(level, jnp.int32), ("batch", "length"))
         elif t.ndim != 2 or t.shape[1] != n:
             raise ValueError(f"timesteps {t.shape} must be (B,) or (B, {n})")
         temb = timestep_embedding(t, cfg.freq_dim)  # (B, S, freq)
@@ -383,7 +405,7 @@ class WanDiT(nnx.Module):
         if segment_ids is not None:
             seg = sharding.constrain(jnp.asarray(segment_ids, jnp.int32), ("batch", "length"))
             segments = (seg, None if text_segment_ids is None else jnp.asarray(text_segment_ids, jnp.int32))
-        return hid, dict(mod=mod, temb=temb, cos=cos, sin=sin, shape=None, segments=segments)
+        return hid, dict(mod=mod, temb=temb, level=level, cos=cos, sin=sin, shape=None, segments=segments)
 
     def forward_packed(self, tok, t, positions, segment_ids, context, text_segment_ids,
                        start_tokens=None, text_kv=None):
@@ -404,7 +426,8 @@ class WanDiT(nnx.Module):
             ctx = self.text_embedder_2(jax.nn.gelu(ctx, approximate=True))  # (B, L, D)
         else:
             ctx = None
-        return run_blocks(list(self.blocks), hid, ctx, e["mod"], e["cos"], e["sin"], self.cfg, text_kv,
+        mod = e["mod"] if e.get("level") is None else (e["mod"], e["level"])
+        return run_blocks(list(self.blocks), hid, ctx, mod, e["cos"], e["sin"], self.cfg, text_kv,
                           e["segments"])
 
     def probe(self, hid, e):
@@ -412,13 +435,14 @@ class WanDiT(nnx.Module):
         changes between denoising steps tells a step cache whether the blocks' output will
         (TeaCache's indicator)."""
         m = self.blocks[0].scale_shift_table[...].astype(F32)[None] + e["mod"]  # (B, S, 6, D)
-        return layer_norm(hid, self.cfg.eps).astype(F32) * (1 + m[:, :, 1]) + m[:, :, 0]
+        shift, scale = at_tokens(m[:, :, 0], e.get("level")), at_tokens(m[:, :, 1], e.get("level"))
+        return layer_norm(hid, self.cfg.eps).astype(F32) * (1 + scale) + shift
 
     def head_tokens(self, hid, e):
         """The output side on tokens: final modulated norm and projection -> (B, N, p*Cout)."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         m = self.scale_shift_table[...].astype(F32)[None] + e["temb"][:, :, None, :]  # (B, S, 2, D)
-        shift, scale = m[:, :, 0], m[:, :, 1]
+        shift, scale = at_tokens(m[:, :, 0], e.get("level")), at_tokens(m[:, :, 1], e.get("level"))
         hid = (layer_norm(hid, cfg.eps) * (1 + scale) + shift).astype(dt)
         return self.proj_out(hid)  # (B, N, pt*ph*pw*Cout)
 

@@ -50,6 +50,14 @@ def model_configs(config, vocab_size: int | None = None):
     return vae_cfg, dit_cfg, text_cfg
 
 
+def timesteps(sigma):
+    """Noise levels -> the DiT's timesteps (x 1000): sigma (B,) or (B, N), or a pair (levels
+    (B, M), each token's level (B, N)) whose levels are scaled and index kept."""
+    if isinstance(sigma, tuple):
+        return sigma[0] * 1000.0, sigma[1]
+    return sigma * 1000.0
+
+
 class VideoModel(nnx.Module):
     """VAE + DiT + text encoder. Sub-modules are attributes `vae`, `dit`, `text`."""
 
@@ -67,26 +75,34 @@ class VideoModel(nnx.Module):
         return text_lib.encode_prompts(self.text, ids, mask)
 
     def velocity(self, latents, sigma, context, text_kv=None, start=None):
-        """v(x_sigma) for latents (B, t, h, w, z) and sigma (B,) or per-token (B, N); the text
+        """v(x_sigma) for latents (B, t, h, w, z) and sigma (B,) or per-token (B, N) or as
+        (levels (B, M), each token's level (B, N)) (conditioning.token_levels); the text
         as its DiT context (B, L, D), or (context None) as text_kv(context) computed before;
         `start` (B,) bool: the window begins at its clip's first latent (DiTConfig.start_embedding)."""
         chex.assert_rank(latents, 5)
+        s = sigma[0] if isinstance(sigma, tuple) else sigma
         if text_kv is None:
             chex.assert_rank(context, 3)
-            chex.assert_equal_shape_prefix([latents, sigma, context], 1)
+            chex.assert_equal_shape_prefix([latents, s, context], 1)
         else:
-            chex.assert_equal_shape_prefix([latents, sigma, text_kv[0][0]], 1)
-        return self.dit(latents, sigma * 1000.0, context, text_kv=text_kv, start=start)
+            chex.assert_equal_shape_prefix([latents, s, text_kv[0][0]], 1)
+        return self.dit(latents, timesteps(sigma), context, text_kv=text_kv, start=start)
 
     def velocity_packed(self, tokens, sigma, positions, segment_ids, context, text_segment_ids,
                         start_tokens=None):
         """v of packed clips (sorajax/packing.py): patch vectors (B, N, P) at per-token noise
-        levels sigma (B, N), positions (B, N, 3), segment_ids (B, N), the slots' captions as a
-        DiT context (B, K*L, D) with text_segment_ids (B, K*L) -> (B, N, P)."""
-        chex.assert_rank([tokens, sigma, positions, segment_ids, context, text_segment_ids],
-                         [3, 2, 3, 2, 3, 2])
-        chex.assert_equal_shape([sigma, segment_ids])
-        return self.dit.forward_packed(tokens, sigma * 1000.0, positions, segment_ids, context,
+        levels sigma (B, N) -- or as (levels (B, M), level (B, N)): M noise levels per row and
+        each token's index into them, the cheap form (WanDiT.embed_tokens) -- positions (B, N, 3),
+        segment_ids (B, N), the slots' captions as a DiT context (B, K*L, D) with
+        text_segment_ids (B, K*L) -> (B, N, P)."""
+        chex.assert_rank([tokens, positions, segment_ids, context, text_segment_ids], [3, 3, 2, 3, 2])
+        if isinstance(sigma, tuple):
+            levels, level = sigma
+            chex.assert_rank([levels, level], 2)
+            chex.assert_equal_shape([level, segment_ids])
+        else:
+            chex.assert_equal_shape([sigma, segment_ids])
+        return self.dit.forward_packed(tokens, timesteps(sigma), positions, segment_ids, context,
                                        text_segment_ids, start_tokens)
 
     def velocity_cached(self, latents, sigma, text_kv, cache, threshold, start=None):
@@ -96,7 +112,7 @@ class VideoModel(nnx.Module):
         (probe, residual, accumulated change, calls, block runs) from init_step_cache; returns
         (v, cache). Deterministic; the skip is a lax.cond, so skipped blocks cost nothing."""
         d = self.dit
-        hid, e = d.embed(latents, sigma * 1000.0, start=start)
+        hid, e = d.embed(latents, timesteps(sigma), start=start)
         probe = d.probe(hid, e)
         prev, res, acc, calls, runs = cache
         rel = jnp.mean(jnp.abs(probe - prev)) / (jnp.mean(jnp.abs(prev)) + 1e-8)
