@@ -5,6 +5,7 @@ topology on this (CPU-only) machine and print per-chip memory, FLOPs and collect
     python scripts/aot_compile.py --config configs/pods/wan14b_2xv5p128.py --topology v5p-128 --num-slices 2
     python scripts/aot_compile.py --config configs/pods/wan14b_v5p256.py --topology v5p-256 \\
         --global-batch 64 --frames 121 --search --max-candidates 4
+    python scripts/aot_compile.py --config configs/pods/wan14b_sample.py --topology v6e-8 --sample
 
 Needs libtpu (`make aot-deps` installs it into .venv/aot-libtpu): jax.experimental.topologies uses
 it to describe TPU slices without a TPU. Nothing is run; docs/SCALING.md explains the output.
@@ -35,6 +36,11 @@ def parse_args(argv):
     p.add_argument("--remat", default=None, choices=("none", "full", "dots", "offload"),
                    help="DiT remat policy (default: the config's)")
     p.add_argument("--no-sampler", action="store_true", help="skip compiling the sampler's denoising step")
+    p.add_argument("--sample", action="store_true",
+                   help="plan sampling instead of training: the whole jitted sampler (text encoding, "
+                        "--steps CFG denoising steps, the sharded VAE decode) for --global-batch clips "
+                        "(default 1), weights in the config's param dtypes, no optimizer state")
+    p.add_argument("--steps", type=int, default=50, help="--sample: denoising steps (default 50)")
     p.add_argument("--search", action="store_true",
                    help="try mesh shapes x remat policies; rank those that fit by per-chip memory, "
                         "then collective bytes")
@@ -83,7 +89,13 @@ def _main(args, extra):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     devices = aot.topology_devices(topo)
     log(f"[aot] {topo.name} x{topo.num_slices}: {len(devices)} chips, {topo.hbm_bytes / 2**30:.0f} GiB HBM each")
-    if args.search:
+    if args.sample:
+        if args.search:
+            raise UserError("--sample and --search: the search plans training steps; give one of them")
+        if args.steps < 1:
+            raise UserError(f"--steps {args.steps}: must be >= 1")
+        result = aot.plan_sampling(config, devices, topo, batch=args.global_batch or 1, steps=args.steps, log=log)
+    elif args.search:
         result = {"topology": topo.name, "num_slices": topo.num_slices,
                   "search": aot.search(config, devices, topo, max_candidates=args.max_candidates, log=log)}
     else:

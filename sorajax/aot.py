@@ -37,11 +37,13 @@ from sorajax.flops import dit_train_step_flops, sampler_step_flops
 # ----------------------------------------------------------------------------------------------
 # cores_per_chip: how the name counts (v4/v5p names count TensorCores, 2 per chip; v5e/v6e count
 # chips). peak: dense bf16 TFLOP/s per chip; hbm in GiB per chip (REFERENCE.md).
+# ici_gbps: the chip's inter-chip interconnect bandwidth, all links (Cloud TPU system
+# architecture pages: v4 2,400, v5e 1,600, v5p 4,800, v6e 3,584 Gbps).
 CHIPS = {
-    "v4": dict(cores_per_chip=2, dims=3, hbm_gib=32, peak_tflops=275),
-    "v5p": dict(cores_per_chip=2, dims=3, hbm_gib=95, peak_tflops=459),
-    "v5e": dict(cores_per_chip=1, dims=2, hbm_gib=16, peak_tflops=197),
-    "v6e": dict(cores_per_chip=1, dims=2, hbm_gib=32, peak_tflops=918),
+    "v4": dict(cores_per_chip=2, dims=3, hbm_gib=32, peak_tflops=275, ici_gbps=2400),
+    "v5p": dict(cores_per_chip=2, dims=3, hbm_gib=95, peak_tflops=459, ici_gbps=4800),
+    "v5e": dict(cores_per_chip=1, dims=2, hbm_gib=16, peak_tflops=197, ici_gbps=1600),
+    "v6e": dict(cores_per_chip=1, dims=2, hbm_gib=32, peak_tflops=918, ici_gbps=3584),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e"}
 
@@ -67,6 +69,7 @@ class Topology:
     num_slices: int
     hbm_bytes: int
     peak_flops: float  # per chip
+    ici_bytes_per_s: float = 0.0  # per chip, all ICI links
 
     @property
     def total_chips(self) -> int:
@@ -92,7 +95,7 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     if num_slices < 1:
         raise UserError(f"--num-slices must be >= 1, got {num_slices}")
     return Topology(f"{gen}-{n}", gen, chips, grid, int(num_slices), int(info["hbm_gib"] * 2**30),
-                    info["peak_tflops"] * 1e12)
+                    info["peak_tflops"] * 1e12, info["ici_gbps"] * 1e9 / 8)
 
 
 def ensure_libtpu() -> None:
@@ -142,22 +145,181 @@ _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8"
                 "f64": 8, "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
 _OP = re.compile(r"=\s*(\([^=]*?\)|[a-z0-9]+\[[^\]]*\][^ ]*)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _SHAPE = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
+_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")  # XLA marks every 5th tuple element so; dropped
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_RS_FUSION = re.compile(r"=\s*(\([^=]*?\)|[a-z0-9]+\[[^\]]*\][^ ]*)\s+fusion\(.*\bcalls=%?(all-reduce-scatter[\w.\-]*)")
+_CALL = re.compile(r"\b(condition|body|calls)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_INT_CONST = re.compile(r"[su](?:32|64)\[\]\S*\s+constant\((\d+)\)")
+
+
+def _op_bytes(shapes: str, is_async: bool) -> int:
+    nbytes = 0
+    for dt, dims in _SHAPE.findall(shapes):
+        if dt in _DTYPE_BYTES:
+            nbytes += _DTYPE_BYTES[dt] * math.prod(int(x) for x in dims.split(",") if x)
+    if is_async and shapes.startswith("("):  # an async *-start's tuple: (operand, result)
+        nbytes //= 2
+    return nbytes
+
+
+def _group_size(line: str) -> int:
+    """Devices in one replica group of a collective (1 when the line does not say)."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if m:  # mesh['data'=1,'fsdp'=8,...] {'fsdp'}: the product of the named axes
+        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+        return math.prod(sizes.get(a, 1) for a in re.findall(r"'([^']+)'", m.group(2)))
+    m = re.search(r"replica_groups=\[\d+,(\d+)\]<=", line)  # iota form [groups,size]<=[n]
+    if m:
+        return int(m.group(1))
+    m = re.search(r"replica_groups=\{\{([^}]*)\}", line)
+    if m:
+        return len(m.group(1).split(","))
+    return 2 if "source_target_pairs" in line else 1
+
+
+def _wire_bytes(op: str, result_bytes: int, n: int) -> float:
+    """Bytes one chip sends for a collective with this result size over a group of n (ring
+    algorithms): all-gather and all-to-all (n-1)/n of the result, reduce-scatter (n-1) x its
+    shard, all-reduce twice (n-1)/n (a reduce-scatter then an all-gather), a permute its buffer."""
+    if n <= 1:
+        return 0.0
+    return {"all-gather": (n - 1) / n, "all-to-all": (n - 1) / n, "reduce-scatter": n - 1.0,
+            "all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}[op] * result_bytes
+
+
+def _computations(hlo_text: str):
+    """{name: [instruction lines]} and the ENTRY computation's name."""
+    comps, entry, cur = {}, None, None
+    for line in hlo_text.splitlines():
+        head = _HEADER.match(line)
+        if head and cur is None:
+            cur = comps.setdefault(head.group(2), [])
+            entry = head.group(2) if head.group(1) else entry
+        elif line.rstrip() == "}":
+            cur = None
+        elif cur is not None:  # an instruction, or a continuation line of one (a kernel's config)
+            cur.append(line)
+    return comps, entry
 
 
 def collective_stats(hlo_text: str) -> dict:
-    """{op: {"count": n, "bytes": result bytes per chip}} over the compiled (per-chip) HLO."""
-    out = {c: {"count": 0, "bytes": 0} for c in COLLECTIVES}
-    for m in _OP.finditer(hlo_text):
-        shapes, op = m.group(1), m.group(2)
-        nbytes = 0
-        for dt, dims in _SHAPE.findall(shapes):
-            if dt in _DTYPE_BYTES:
-                nbytes += _DTYPE_BYTES[dt] * math.prod(int(x) for x in dims.split(",") if x)
-        if m.group(3) and shapes.startswith("("):  # an async *-start's tuple: (operand, result)
-            nbytes //= 2
-        out[op]["count"] += 1
-        out[op]["bytes"] += nbytes
+    """Collectives of a compiled (per-chip) HLO module: for each op, `count` and `bytes` (result
+    bytes per chip) as written in the program -- a while loop's body once -- and `per_step_count`,
+    `per_step_bytes` and `wire_bytes` (bytes each chip sends, _wire_bytes) with every while
+    body multiplied by its trip count (XLA's known_trip_count, else the largest integer constant
+    of its condition: a scan over layers runs its body once per layer), and `async` /
+    `async_wire_bytes`, the ops issued as *-start/*-done pairs, which XLA's scheduler can overlap
+    with compute (per step, their wire bytes).
+
+    XLA:TPU writes a reduce-scatter as a fusion calling an `all-reduce-scatter` computation (an
+    all-reduce of the full buffer followed by this chip's slice, run as one reduce-scatter): such
+    a fusion counts as one reduce-scatter whose result is the fusion's (sliced) output."""
+    text = _INDEX_COMMENT.sub("", hlo_text)
+    comps, entry = _computations(text)
+    keys = ("count", "bytes", "per_step_count", "per_step_bytes", "wire_bytes", "async", "async_wire_bytes")
+    out = {c: dict.fromkeys(keys, 0) for c in COLLECTIVES}
+    if entry is None:  # a bare list of instructions (tests): one computation
+        comps, entry = {"main": text.splitlines()}, "main"
+    rs_comps = {n for n in comps if n.startswith("all-reduce-scatter")}
+
+    def op_of(line: str):
+        """(op, result bytes, group size, async) of a collective instruction, else None."""
+        m = _RS_FUSION.search(line)
+        if m and m.group(2) in rs_comps:
+            inner = next((x for x in comps[m.group(2)] if _OP.search(x)), "")
+            return "reduce-scatter", _op_bytes(m.group(1), False), _group_size(inner), False
+        m = _OP.search(line)
+        if m:
+            return m.group(2), _op_bytes(m.group(1), bool(m.group(3))), _group_size(line), bool(m.group(3))
+        return None
+
+    def trip(cond: str, line: str) -> int:
+        m = _TRIP.search(line)
+        if m:
+            return int(m.group(1))
+        consts = [int(c) for c in _INT_CONST.findall("\n".join(comps.get(cond, [])))]
+        return max(consts) if consts else 1
+
+    memo = {}
+
+    def per_call(name: str, depth: int = 0) -> dict:  # per-step totals of one call of `name`
+        if name in memo:
+            return memo[name]
+        acc = {c: [0, 0.0, 0.0, 0.0] for c in COLLECTIVES}  # count, result, wire, async wire bytes
+        for line in comps.get(name, []) if depth < 64 else []:
+            op = op_of(line)
+            if op:
+                a = acc[op[0]]
+                wire = _wire_bytes(op[0], op[1], op[2])
+                a[0] += 1
+                a[1] += op[1]
+                a[2] += wire
+                a[3] += wire if op[3] else 0.0
+                continue
+            calls = dict(_CALL.findall(line))
+            subs = []
+            if "body" in calls:
+                subs.append((calls["body"], trip(calls.get("condition", ""), line)))
+            elif "calls" in calls:
+                subs.append((calls["calls"], 1))
+            br = _BRANCHES.search(line)
+            if br:  # a conditional runs one branch: count the costliest
+                names = [x.strip().lstrip("%") for x in br.group(1).split(",") if x.strip()]
+                costs = [per_call(n, depth + 1) for n in names]
+                if costs:
+                    best = max(costs, key=lambda c: sum(v[2] for v in c.values()))
+                    for c in COLLECTIVES:
+                        acc[c] = [x + y for x, y in zip(acc[c], best[c])]
+            for sub, k in subs:
+                sc = per_call(sub, depth + 1)
+                for c in COLLECTIVES:
+                    acc[c] = [x + k * y for x, y in zip(acc[c], sc[c])]
+        memo[name] = acc
+        return acc
+
+    for name, lines in comps.items():  # as written: every instruction once
+        if name in rs_comps:  # counted at the fusion that calls it
+            continue
+        for line in lines:
+            op = op_of(line)
+            if op:
+                o = out[op[0]]
+                o["count"] += 1
+                o["bytes"] += op[1]
+                o["async"] += int(op[3])
+    total = per_call(entry)
+    for c in COLLECTIVES:
+        for k, v in zip(("per_step_count", "per_step_bytes", "wire_bytes", "async_wire_bytes"), total[c]):
+            out[c][k] = int(v)
     return out
+
+
+def step_estimate(model_flops: float, collectives: dict, topo: "Topology", chips: int, remat: str) -> dict:
+    """A roofline estimate of one train step: the compute at the chips' peak (the analytic FLOPs,
+    plus the forward recomputed under full remat) and the bytes each chip sends through its
+    collectives at the chip's ICI bandwidth. Overlap, as the compiled program states it: the
+    collectives issued as start/done pairs (`async`) may run under compute, the others are
+    counted after it, so `step_s` = max(compute, async collectives) + the other collectives;
+    `step_s_full_overlap` = max(compute, all collectives) is the bound were every collective
+    hidden. `mfu` and `mfu_full_overlap`: the analytic FLOPs over chips x peak x that time. Not
+    modelled: kernels below peak (the MXU's efficiency on each op), HBM-bound ops, DCN between
+    slices (counted at ICI speed); full remat alone caps MFU at 0.75."""
+    recompute = 4 / 3 if remat in ("full", "True") else 1.0
+    compute_s = model_flops * recompute / (chips * topo.peak_flops)
+    wire = sum(v["wire_bytes"] for v in collectives.values())
+    async_wire = sum(v["async_wire_bytes"] for v in collectives.values())
+    ici_s, async_s = wire / topo.ici_bytes_per_s, async_wire / topo.ici_bytes_per_s
+    step = max(compute_s, async_s) + (ici_s - async_s)
+    full = max(compute_s, ici_s)
+    peak = chips * topo.peak_flops
+    return {"compute_s": compute_s, "recompute_factor": round(recompute, 4),
+            "wire_bytes_per_chip": wire, "async_wire_bytes_per_chip": async_wire,
+            "ici_bytes_per_s": topo.ici_bytes_per_s, "collective_s": ici_s, "async_collective_s": async_s,
+            "step_s": step, "step_s_full_overlap": full,
+            "mfu": model_flops / (peak * step), "mfu_full_overlap": model_flops / (peak * full),
+            "note": " ".join(step_estimate.__doc__.split())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +453,7 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
         model_train = stage.step_flops()
     else:
         model_train = dit_train_step_flops(dit_cfg, text_cfg, B, lat, L, text_trainable=bool(config.text.trainable))
+    coll = collective_stats(compiled.as_text())
     out = {
         "config": {"frames": F, "height": H, "width": W, "global_batch": B, "grad_accum": accum,
                    "latent_shape": list(lat), "tokens_per_sample": tokens, "text_len": L,
@@ -315,7 +478,8 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
                               "counts a while loop's body once (scan_layers: one block; ring/flash "
                               "attention loops: one block) and excludes Pallas kernels (splash)",
             "step_time_at_100pct_mfu_s": model_train / (n_chips * topo.peak_flops),
-            "collectives": collective_stats(compiled.as_text()),
+            "collectives": coll,
+            "estimate": step_estimate(model_train, coll, topo, n_chips, str(dit_cfg.remat)),
             "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1),
         },
     }
@@ -400,6 +564,88 @@ def _plan_sampler(trainer, stage, mesh, lat, L, topo, dit_cfg, text_cfg):
             "model_flops_per_step": sampler_step_flops(dit_cfg, B, lat, L),
             "collectives": collective_stats(compiled.as_text()),
             "compile_s": round(time.time() - t0, 1)}
+
+
+def plan_sampling(config, devices, topo: Topology, *, batch: int = 1, steps: int = 50, log=print) -> dict:
+    """Compiles the whole sampler `sorajax.sample` runs -- the prompts' text encoding, `steps`
+    classifier-free-guidance denoising steps in one jitted loop (batched conditional and
+    unconditional forwards) and the VAE decode of the result, sharded as the config's mesh and
+    rules say (row-sharded VAE, context-parallel DiT) -- for `batch` clips of the config's
+    data.frames x height x width on `devices`, with the weights in the config's param dtypes and
+    no optimizer state."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sorajax import checkpoint as ckpt_lib
+    from sorajax import sampler as sampler_lib
+    from sorajax import sharding, validate
+    from sorajax import tokenizer as tok_lib
+    from sorajax.flops import vae_decode_flops
+    from sorajax.models import dit as dit_lib
+    from sorajax.models import video
+
+    validate.validate(config, data=False)
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    rules = sharding.normalize_rules(config.sharding_rules)
+    tok = tok_lib.Tokenizer.load(_tokenizer_path(config))
+    vocab = tok.vocab_size if config.text.vocab_from_tokenizer else None
+    vae_cfg, dit_cfg, text_cfg = video.model_configs(config, vocab_size=vocab)
+    F, H, W = int(config.data.frames), int(config.data.height), int(config.data.width)
+    validate.check_context_split(vae_cfg, dit_cfg, F, H, W, mesh, rules, "--frames/--height/--width")
+    st, ss = vae_cfg.temporal_stride, vae_cfg.spatial_stride
+    lat = (int(batch), 1 + (F - 1) // st, H // ss, W // ss, vae_cfg.z_dim)
+    L = int(config.text.max_length)
+    abstract = nnx.eval_shape(lambda: video.VideoModel(vae_cfg, dit_cfg, text_cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    state = ckpt_lib.abstract_with_shardings(state, sharding.state_shardings(state, mesh, rules))
+    def arg(shape, dtype):  # split over the batch axes where the batch divides (1 clip: replicated)
+        spec = sharding.logical_to_spec(("batch",) + (None,) * (len(shape) - 1), rules, mesh, shape)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+
+    noise = arg(lat, jnp.float32)
+    ids = arg((lat[0], L), jnp.int32)
+    sigmas, model_sigmas = sampler_lib.schedule("unipc", int(steps), 5.0)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    fn = sampler_lib._compiled(graphdef, "unipc", True, True, mesh, rules)
+    t0 = time.time()
+    lowered = fn.lower(state, noise, ids, ids, ids, ids, jnp.asarray(sigmas), jnp.asarray(model_sigmas),
+                       scalar, scalar, scalar, scalar, scalar,
+                       arg((lat[0],), jnp.bool_))
+    t1 = time.time()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA refuses a program that cannot fit: report it
+        need = _oom_bytes(str(e))
+        if need is None:
+            raise
+        return _oom_report(config, topo, mesh, need, round(time.time() - t1, 1), str(e))
+    mem = _memory(compiled)
+    n_chips = mesh.devices.size
+    dit_flops = sampler_step_flops(dit_cfg, lat[0], lat, L) * int(steps)
+    vae_flops = vae_decode_flops(vae_cfg, F, H, W) * lat[0]
+    coll = collective_stats(compiled.as_text())
+    return {
+        "config": {"frames": F, "height": H, "width": W, "batch": lat[0], "steps": int(steps),
+                   "solver": "unipc", "guidance": True, "latent_shape": list(lat),
+                   "tokens_per_sample": dit_lib.num_tokens(dit_cfg, lat),
+                   "text_len": L,
+                   "dit": {"variant": config.dit.variant, "attention": dit_cfg.attention,
+                           "context_parallel": dit_cfg.context_parallel, "scan_layers": dit_cfg.scan_layers,
+                           "dtype": str(dit_cfg.dtype), "param_dtype": str(dit_cfg.param_dtype)}},
+        "topology": {"name": topo.name, "num_slices": topo.num_slices, "chips": n_chips,
+                     "grid": list(topo.grid), "hbm_bytes_per_chip": topo.hbm_bytes},
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "sample": {
+            "per_chip": mem, "hbm_bytes": topo.hbm_bytes,
+            "fits": mem["total_bytes"] <= topo.hbm_bytes,
+            "headroom": round(1.0 - mem["total_bytes"] / topo.hbm_bytes, 4),
+            "model_flops": dit_flops + vae_flops, "dit_flops": dit_flops, "vae_decode_flops": vae_flops,
+            "time_at_100pct_mfu_s": (dit_flops + vae_flops) / (n_chips * topo.peak_flops),
+            "collectives": coll,
+            "lower_s": round(t1 - t0, 1), "compile_s": round(time.time() - t1, 1),
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -183,7 +183,32 @@ class Pipeline:
         return self.decode(self.encode(frames))
 
 
-def load_model(run_dir: str, *, use_ema: bool = True, mesh_cfg=None, flag: str = "--checkpoint"):
+# What `sorajax.sample --config` takes from a config (configs/pods/wan14b_sample.py): how the model
+# runs, never what it is. Layer stacking (scan_layers) and parameter dtypes are the checkpoint's.
+RUNTIME_MODEL_KEYS = {"dit": ("attention", "context_parallel", "remat", "dtype"), "text": ("dtype",)}
+
+
+def apply_runtime(config, runtime):
+    """`config` (a checkpoint's) with the mesh, sharding rules and the RUNTIME_MODEL_KEYS of
+    `runtime`; a key of runtime's model overrides outside those is an error, not ignored."""
+    with config.unlocked():
+        config.mesh = runtime.mesh
+        config.sharding_rules = runtime.sharding_rules
+        for sec, keys in RUNTIME_MODEL_KEYS.items():
+            mine, theirs = dict(config[sec].overrides), dict(runtime[sec].overrides)
+            for k, v in theirs.items():
+                if k in keys:
+                    mine[k] = v
+                elif mine.get(k, v) != v:
+                    raise UserError(f"--config: {sec}.overrides.{k}={v!r} differs from the checkpoint's "
+                                    f"{mine.get(k)!r}; --config sets only the mesh, sharding rules and "
+                                    f"{sec} {', '.join(keys)}")
+            config[sec].overrides = mine
+    return config
+
+
+def load_model(run_dir: str, *, use_ema: bool = True, mesh_cfg=None, flag: str = "--checkpoint",
+               runtime=None):
     """Restores (config, model, tokenizer, mesh, (vae_cfg, dit_cfg)) from a run dir or converted
     checkpoint dir: the newest readable checkpoint (checkpoint.Checkpointer.restore_latest_good,
     the trainer's restore path), EMA weights when present and asked for, sharded over the mesh."""
@@ -199,6 +224,9 @@ def load_model(run_dir: str, *, use_ema: bool = True, mesh_cfg=None, flag: str =
         raise UserError(f"{cfg_path}: unreadable config ({e})") from None
     if "dit" not in config.stages:
         raise UserError(f"{flag} {run_dir!r}: not a text-to-video run (its stages are {config.stages})")
+    if runtime is not None:
+        config = apply_runtime(config, runtime)
+        sharding.normalize_rules(config.sharding_rules)  # bad rules: one line
     ckdir = os.path.join(run_dir, "checkpoints")
     if not ckpt_lib.list_steps(ckdir):
         raise UserError(f"{flag} {run_dir!r}: no checkpoint found in {ckdir} (train the DiT stage first)")
@@ -237,11 +265,12 @@ def load_model(run_dir: str, *, use_ema: bool = True, mesh_cfg=None, flag: str =
 
 
 def load_pipeline(workdir: str | None = None, checkpoint: str | None = None, *, use_ema: bool = True,
-                  mesh_cfg=None) -> Pipeline:
-    """A Pipeline over the newest complete checkpoint of a run dir (or converted checkpoint dir)."""
+                  mesh_cfg=None, runtime=None) -> Pipeline:
+    """A Pipeline over the newest complete checkpoint of a run dir (or converted checkpoint dir);
+    `runtime`: a config whose runtime settings replace the checkpoint's (apply_runtime)."""
     run_dir = workdir if workdir is not None else checkpoint
     flag = "--workdir" if workdir is not None else "--checkpoint"
     config, model, tokenizer, mesh, (vae_cfg, dit_cfg) = load_model(
-        run_dir, use_ema=use_ema, mesh_cfg=mesh_cfg, flag=flag)
+        run_dir, use_ema=use_ema, mesh_cfg=mesh_cfg, flag=flag, runtime=runtime)
     gd, state = nnx.split(model)
     return Pipeline(config, gd, state, tokenizer, mesh, vae_cfg, dit_cfg)

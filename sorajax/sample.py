@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from sorajax import cli, fileio, inference, modes, sampler, video_io
+from sorajax import cli, config_lib, fileio, inference, modes, sampler, video_io
 from sorajax.errors import UserError
 
 MODE_HELP = """generation mode (sorajax/modes.py):
@@ -67,6 +67,9 @@ def parse_args(argv):
     p.add_argument("--save-latents", help="write the final latents (N, t, h, w, z) to this .npy")
     p.add_argument("--save-frames", help="write decoded frames float32 in [0, 1] (N, T, H, W, 3) to this .npy")
     p.add_argument("--no-ema", action="store_true", help="use the raw (not EMA) weights of a run")
+    p.add_argument("--config", help="config file[:arg] whose runtime settings replace the checkpoint's: mesh, "
+                                    "sharding rules, DiT attention kernel, context parallelism, remat and compute "
+                                    "dtypes (e.g. configs/pods/wan14b_sample.py on a TPU slice)")
     return p.parse_args(argv)
 
 
@@ -112,7 +115,11 @@ def _main(argv):
         raise UserError(f"--fps {a.fps}: must be a number > 0")
     # Videos are read before JAX starts (imageio's ffmpeg runs in a subprocess).
     videos = {k: video_io.read_video(getattr(a, k), "--" + k) if getattr(a, k) else None for k in ("video", "video2")}
-    pipe = inference.load_pipeline(workdir=a.workdir, checkpoint=a.checkpoint, use_ema=not a.no_ema)
+    runtime = config_lib.load_config(a.config) if a.config else None
+    pipe = inference.load_pipeline(workdir=a.workdir, checkpoint=a.checkpoint, use_ema=not a.no_ema,
+                                   runtime=runtime)
+    if pipe.mesh.devices.size > 1:
+        print("sampling on mesh " + ", ".join(f"{k}={v}" for k, v in pipe.mesh.shape.items()), file=sys.stderr)
     kw = dict(steps=a.steps, guidance=a.guidance, shift=a.shift, solver=a.solver, negative_prompt=a.negative_prompt,
               step_cache=a.step_cache)
     if a.mode in ("t2v", "t2i"):

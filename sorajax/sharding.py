@@ -327,6 +327,15 @@ def constrain(x, names):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def weight(w, names, dtype):
+    """A parameter `w` with logical axes `names`, cast to the compute `dtype`, for a matmul.
+    Forward this is the cast (the partitioner all-gathers the FSDP shards where the matmul needs
+    them); the constraint's transpose puts the same sharding on the gradient, so the partial
+    gradients of the batch shards are reduce-scattered onto the parameter's shards -- half the
+    bytes of the full-size all-reduce XLA otherwise emits inside a scanned layer's backward."""
+    return constrain(w.astype(dtype), names)
+
+
 def logical_spec(names, shape=None) -> P | None:
     """PartitionSpec of logical names under the active rules (None outside activation_rules)."""
     mesh, rules = active()

@@ -254,6 +254,11 @@ def check_context_split(vae_cfg, dit_cfg, frames: int, height: int, width: int, 
         raise UserError(
             f"{what}: {frames}x{height}x{width} gives {n} DiT tokens, which the {cp} context-parallel "
             f"devices cannot split (need a multiple of {cp}); change the frames/size or mesh.context")
+    heads = int(dit_cfg.num_attention_heads)
+    if dit_cfg.context_parallel == "all_to_all" and heads % cp:
+        raise UserError(
+            f"dit context_parallel='all_to_all' trades the {cp} context devices' tokens for heads: "
+            f"the {heads} heads must divide by {cp}; use context_parallel='ring' or a mesh.context dividing {heads}")
 
 
 def validate_mesh(config, mesh) -> None:

@@ -42,6 +42,33 @@ def test_sample_reproduces_wan_pipeline_latents(wan_ckpt, tmp_path, guidance, ke
         assert float(np.abs(frames - io["frames_cfg"]).max()) <= 1e-4  # PARITY.md: 7.8e-6
 
 
+def test_sample_config_changes_how_a_checkpoint_runs_not_what_it_is(wan_ckpt, tmp_path):
+    """`sample --config`: the mesh, sharding rules and kernels of a config file replace the
+    checkpoint's; the weights and architecture stay. configs/pods/wan14b_sample.py's tiny variant
+    (its rules: weights over fsdp x context; all-to-all context parallelism over 2 of the 8 fake
+    devices around the splash kernel, which falls back to flash on CPU): the latents still match
+    diffusers' WanPipeline."""
+    io, meta = _io()
+    np.save(tmp_path / "n.npy", io["noise"].transpose(0, 2, 3, 4, 1))
+    argv = ["-m", "sorajax.sample", "--checkpoint", str(wan_ckpt), "--noise", str(tmp_path / "n.npy"),
+            "--solver", "euler", "--steps", "4", "--guidance", "4.0", "--shift", "3.0",
+            "--negative-prompt", meta["negative_prompt"], "--save-latents", str(tmp_path / "l.npy"),
+            "--out", str(tmp_path / "v.png"), "--config", f"configs/pods/wan14b_sample.py:runlocal:{wan_ckpt}"]
+    for p in meta["prompts"]:
+        argv += ["--prompt", p]
+    r = run_cli(argv)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sampling on mesh data=4, fsdp=1, context=2, tensor=1" in r.stderr
+    err = float(np.abs(np.load(tmp_path / "l.npy") - io["latents_cfg"].transpose(0, 2, 3, 4, 1)).max())
+    assert err <= 3e-4, err
+    # A config of another architecture (the 14B sampling preset) is refused, nothing written.
+    argv[argv.index("--config") + 1] = "configs/pods/wan14b_sample.py"
+    argv[argv.index("--out") + 1] = str(tmp_path / "w.png")
+    r = run_cli(argv)
+    assert r.returncode == 2 and "differs from the checkpoint's" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "w.png").exists()
+
+
 def test_convert_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -191,7 +191,7 @@ def dot_product_attention(q, k, v, *, backend: str = "xla", mask=None, scale: fl
         return _xla(q, k, v, scale, mask, **segs)
     fn = _local_fn(backend, scale)
     if backend == "splash":
-        return _in_shard_map(fn, q, k, v, seq_sharded=False, segments=(qs, ks))
+        return _in_shard_map(fn, q, k, v, segments=(qs, ks))
     return fn(q, k, v, **segs)
 
 
@@ -242,9 +242,13 @@ def _specs(q_shape):
     return tuple(spec) + (None,) * (4 - len(spec)) if spec is not None else (None,) * 4
 
 
-def _in_shard_map(fn, q, k, v, *, seq_sharded: bool, segments=(None, None)):
+def _in_shard_map(fn, q, k, v, *, segments=(None, None)):
     """Runs a per-device kernel (Pallas: not auto-partitionable) over batch/head shards, with
-    optional segment ids `segments` = (q ids (B, Nq), kv ids (B, Nk))."""
+    optional segment ids `segments` = (q ids (B, Nq), kv ids (B, Nk)). The queries (their ids and
+    the output) keep the sequence sharding the rules give them -- every query attends to every
+    key, so no device needs another's queries -- and the keys/values are whole on every device:
+    for the DiT's cross-attention, 512 text tokens, not the video's 75,600 queries gathered onto
+    each context device and their gradient summed back (docs/SCALING.md)."""
     mesh, _ = sharding.active()
     qs, ks = segments
     segs = {} if qs is None else dict(q_segment_ids=qs, kv_segment_ids=ks)
@@ -252,16 +256,15 @@ def _in_shard_map(fn, q, k, v, *, seq_sharded: bool, segments=(None, None)):
         return fn(q, k, v, **segs)
     b, s, h, _ = _specs(q.shape)
     P = jax.sharding.PartitionSpec
-    spec = P(b, s if seq_sharded else None, h, None)
+    q_spec, kv_spec = P(b, s, h, None), P(b, None, h, None)
     if qs is None:
-        return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+        return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
                              check_vma=False)(q, k, v)
-    seg_spec = P(b, s if seq_sharded else None)
 
     def packed(q, k, v, qs, ks):
         return fn(q, k, v, q_segment_ids=qs, kv_segment_ids=ks)
-    return jax.shard_map(packed, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, seg_spec),
-                         out_specs=spec, check_vma=False)(q, k, v, qs, ks)
+    return jax.shard_map(packed, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(b, s), P(b, None)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, qs, ks)
 
 
 def self_attention(q, k, v, *, backend: str = "xla", context_parallel: str = "ring",

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sorajax import sharding
+
 F32 = jnp.float32
 Array = jax.Array
 
@@ -36,11 +38,28 @@ def param(rngs: nnx.Rngs, init, shape, names, cfg) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)), out_sharding=names)
 
 
-def dense(din: int, dout: int, names, cfg, rngs: nnx.Rngs, *, dtype=None) -> nnx.Linear:
-    """nnx.Linear (din -> dout, with bias) computing in `dtype` (default cfg.dtype). Kernel
+class Dense(nnx.Linear):
+    """nnx.Linear (same `kernel`/`bias` parameters, same maths) whose kernel, cast to the compute
+    dtype, passes through `sharding.weight`: under FSDP its gradient is reduce-scattered onto the
+    parameter's shards instead of all-reduced at full size (docs/SCALING.md)."""
+
+    def __init__(self, din, dout, *, names, **kw):
+        super().__init__(din, dout, **kw)
+        self.names = tuple(names)
+
+    def __call__(self, inputs: Array) -> Array:
+        dt = jnp.dtype(self.dtype)
+        kernel = sharding.weight(self.kernel[...], self.names, dt)  # (din, dout)
+        y = jax.lax.dot_general(inputs.astype(dt), kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                                precision=self.precision)
+        return y + self.bias[...].astype(dt)
+
+
+def dense(din: int, dout: int, names, cfg, rngs: nnx.Rngs, *, dtype=None) -> Dense:
+    """A `Dense` (din -> dout, with bias) computing in `dtype` (default cfg.dtype). Kernel
     (din, dout) lecun-normal with logical axes `names`, bias zeros with axis `names[1]`."""
-    return nnx.Linear(
-        din, dout, dtype=jnp.dtype(dtype or cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+    return Dense(
+        din, dout, names=names, dtype=jnp.dtype(dtype or cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
         rngs=rngs)

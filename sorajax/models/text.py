@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sorajax import sharding
 from sorajax.errors import WeightsMismatch
 from sorajax.models.layers import Array, T5LayerNorm, assign, count_params, param, read_config
 
@@ -67,6 +68,14 @@ _ACTIVATIONS = {
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
+
+
+# Activation shardings: prompts split over the batch axes, never over "length" (T5 attention is
+# not context-parallel); the weights are gathered for each matmul (sharding.weight), so under
+# FSDP the encoder runs on each chip's own prompts instead of all-reducing every activation.
+ACT = ("batch", None, None)  # (B, L, D)
+QKV = ("embed", "heads")
+FF_IN = ("embed", "mlp")
 
 
 def _normal(std):
@@ -126,16 +135,17 @@ class Attention(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         b, length, _ = x.shape
         split = lambda t: t.reshape(b, length, cfg.num_heads, cfg.d_kv)  # noqa: E731
-        q = split(x @ self.q[...].astype(dt))  # (B, L, H, Dk)
-        k = split(x @ self.k[...].astype(dt))  # (B, L, H, Dk)
-        v = split(x @ self.v[...].astype(dt))  # (B, L, H, Dk)
+        w = lambda p, names: sharding.weight(p[...], names, dt)  # noqa: E731
+        q = split(x @ w(self.q, QKV))  # (B, L, H, Dk)
+        k = split(x @ w(self.k, QKV))  # (B, L, H, Dk)
+        v = split(x @ w(self.v, QKV))  # (B, L, H, Dk)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, H, L, L)
         logits = logits + bias
         # Padding keys get a large negative logit (every prompt has >= 1 real token: </s>).
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)  # (B, H, L, L)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, -1)  # (B, L, H*Dk)
-        return out @ self.o[...].astype(dt)  # (B, L, D)
+        return out @ w(self.o, ("heads", "embed"))  # (B, L, D)
 
 
 class FeedForward(nnx.Module):
@@ -156,11 +166,13 @@ class FeedForward(nnx.Module):
     def __call__(self, x: Array) -> Array:
         dt = jnp.dtype(self.cfg.dtype)
         act = _ACTIVATIONS[self.cfg.activation]
+        w = lambda p, names: sharding.weight(p[...], names, dt)  # noqa: E731
         if self.cfg.is_gated:
-            h = act(x @ self.wi_0[...].astype(dt)) * (x @ self.wi_1[...].astype(dt))  # (B, L, F)
+            h = act(x @ w(self.wi_0, FF_IN)) * (x @ w(self.wi_1, FF_IN))  # (B, L, F)
         else:
-            h = act(x @ self.wi[...].astype(dt))  # (B, L, F)
-        return h @ self.wo[...].astype(dt)  # (B, L, D)
+            h = act(x @ w(self.wi, FF_IN))  # (B, L, F)
+        h = sharding.constrain(h, ("batch", None, "mlp"))
+        return h @ w(self.wo, ("mlp", "embed"))  # (B, L, D)
 
 
 class Block(nnx.Module):
@@ -195,11 +207,11 @@ class UMT5Encoder(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         key_mask = attention_mask > 0  # (B, L)
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)  # (B, L, D)
+        x = sharding.constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(dt), ACT)  # (B, L, D)
         shared_bias = None if self.cfg.per_layer_position_bias else self.blocks[0].attn.position_bias(length)
         for block in self.blocks:
             bias = block.attn.position_bias(length) if shared_bias is None else shared_bias  # (1, H, L, L)
-            x = block(x, bias, key_mask)
+            x = sharding.constrain(block(x, bias, key_mask), ACT)
         return self.final_norm(x)  # (B, L, D)
 
 
