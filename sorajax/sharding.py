@@ -331,8 +331,9 @@ def weight(w, names, dtype):
     """A parameter `w` with logical axes `names`, cast to the compute `dtype`, for a matmul.
     Forward this is the cast (the partitioner all-gathers the FSDP shards where the matmul needs
     them); the constraint's transpose puts the same sharding on the gradient, so the partial
-    gradients of the batch shards are reduce-scattered onto the parameter's shards -- half the
-    bytes of the full-size all-reduce XLA otherwise emits inside a scanned layer's backward."""
+    gradients of the batch shards are reduced onto the parameter's shards, not replicated: a
+    reduce-scatter where XLA:TPU picks one (the 14B step: every DiT weight gradient), an
+    all-reduce and a slice where it judges that cheaper (toy sizes; docs/SCALING.md)."""
     return constrain(w.astype(dtype), names)
 
 

@@ -40,8 +40,8 @@ def param(rngs: nnx.Rngs, init, shape, names, cfg) -> nnx.Param:
 
 class Dense(nnx.Linear):
     """nnx.Linear (same `kernel`/`bias` parameters, same maths) whose kernel, cast to the compute
-    dtype, passes through `sharding.weight`: under FSDP its gradient is reduce-scattered onto the
-    parameter's shards instead of all-reduced at full size (docs/SCALING.md)."""
+    dtype, passes through `sharding.weight`: under FSDP its gradient is reduced onto the
+    parameter's shards (docs/SCALING.md)."""
 
     def __init__(self, din, dout, *, names, **kw):
         super().__init__(din, dout, **kw)
