@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sorajax import aot, config_lib, flops
+from sorajax import aot, collectives, config_lib, flops
 from sorajax.errors import UserError
 from sorajax.models import video
 from tests.helpers import ROOT, run_cli
@@ -42,7 +42,7 @@ def test_collective_stats_parse_hlo():
   %ar-start = (f32[256]{0}, f32[256]{0}) all-reduce-start(f32[256]{0} %x), to_apply=%add
   %cp = f32[2,1,32,3]{3,2,1,0} collective-permute(f32[2,1,32,3]{3,2,1,0} %y), source_target_pairs={{0,1}}
 """
-    s = aot.collective_stats(hlo)
+    s = collectives.collective_stats(hlo)
     assert (s["all-gather"]["count"], s["all-gather"]["bytes"]) == (1, 8 * 1024 * 2)
     assert (s["all-reduce"]["count"], s["all-reduce"]["bytes"], s["all-reduce"]["async"]) == (1, 256 * 4, 1)
     assert (s["collective-permute"]["count"], s["collective-permute"]["bytes"]) == (1, 2 * 32 * 3 * 4)
@@ -95,7 +95,7 @@ ENTRY %main.1_spmd (x: f32[256]) -> f32[256] {
 
 
 def test_collective_stats_count_loop_trips_and_wire_bytes():
-    s = aot.collective_stats(MODULE)
+    s = collectives.collective_stats(MODULE)
     ag, rs, ar = s["all-gather"], s["reduce-scatter"], s["all-reduce"]
     # As written: each op once; the 6-operand all-reduce is found despite its /*index=5*/, the
     # all-reduce inside the reduce-scatter fusion is not an all-reduce.
@@ -116,7 +116,7 @@ def test_collective_stats_count_loop_trips_and_wire_bytes():
 def test_step_estimate_is_a_roofline_of_compute_and_collectives():
     topo = aot.parse_topology("v5p-256")
     assert topo.ici_bytes_per_s == 4800e9 / 8
-    coll = {c: {"wire_bytes": 0, "async_wire_bytes": 0} for c in aot.COLLECTIVES}
+    coll = {c: {"wire_bytes": 0, "async_wire_bytes": 0} for c in collectives.COLLECTIVES}
     coll["all-gather"]["wire_bytes"] = 600e9  # 1 s of ICI, not issued asynchronously
     flops = 128 * topo.peak_flops * 3.0  # 3 s at peak, 4 s with the recomputed forward
     e = aot.step_estimate(flops, coll, topo, 128, "full")
