@@ -239,6 +239,18 @@ def _oom_report(config, topo, mesh, temp_bytes, compile_s, msg):  # temp_bytes: 
                            "xla_message": " ".join(msg.split())[:400]}}
 
 
+def _compile(lowered, config, topo, mesh):
+    """(compiled, None), or (None, the planner's report) when XLA refuses the program for HBM."""
+    t = time.time()
+    try:
+        return lowered.compile(), None
+    except Exception as e:  # noqa: BLE001 - XLA refuses a program that cannot fit: report it
+        need = _oom_bytes(str(e))
+        if need is None:
+            raise
+        return None, _oom_report(config, topo, mesh, need, round(time.time() - t, 1), str(e))
+
+
 def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) -> dict:
     """Compiles the DiT train step (and one CFG denoising step) of `config` for `devices`."""
     import jax
@@ -281,13 +293,9 @@ def plan(config, devices, topo: Topology, *, sampler: bool = True, log=print) ->
     state = trainer.abstract_target()
     lowered = trainer.step_fn().lower(state, batch)
     t1 = time.time()
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - XLA refuses a program that cannot fit: report it
-        need = _oom_bytes(str(e))
-        if need is None:
-            raise
-        return _oom_report(config, topo, mesh, need, round(time.time() - t1, 1), str(e))
+    compiled, oom = _compile(lowered, config, topo, mesh)
+    if oom is not None:
+        return oom
     t2 = time.time()
     mem = _memory(compiled)
     hbm = topo.hbm_bytes
@@ -458,13 +466,9 @@ def plan_sampling(config, devices, topo: Topology, *, batch: int = 1, steps: int
                        scalar, scalar, scalar, scalar, scalar,
                        arg((lat[0],), jnp.bool_))
     t1 = time.time()
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - XLA refuses a program that cannot fit: report it
-        need = _oom_bytes(str(e))
-        if need is None:
-            raise
-        return _oom_report(config, topo, mesh, need, round(time.time() - t1, 1), str(e))
+    compiled, oom = _compile(lowered, config, topo, mesh)
+    if oom is not None:
+        return oom
     mem = _memory(compiled)
     n_chips = mesh.devices.size
     dit_flops = sampler_step_flops(dit_cfg, lat[0], lat, L) * int(steps)
