@@ -102,11 +102,12 @@ def ground_truth_generate(cfg: world_lib.WorldConfig) -> Generate:
 
 
 def model_generate(pipe, *, steps=None, guidance=None, frames=None, height=None,
-                   width=None, step_cache=None) -> Generate:
+                   width=None, step_cache=None, shift=None, solver=None) -> Generate:
     """A `Generate` over a sampling `inference.Pipeline` (its defaults unless given). Its
     `stats` attribute counts model calls and, with the step cache, those that ran the blocks."""
     size = {k: v for k, v in (("frames", frames), ("height", height), ("width", width),
-                              ("step_cache", step_cache)) if v is not None}
+                              ("step_cache", step_cache), ("shift", shift), ("solver", solver))
+            if v is not None}
 
     def generate(captions, seed):
         out = pipe.generate(list(captions), seed=seed, steps=steps, guidance=guidance, **size)

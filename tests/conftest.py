@@ -51,7 +51,7 @@ def wan_ckpt(tmp_path_factory):
 # starting a two-minute file at the end. The others follow in collection order.
 HEAVY_FIRST = ("test_multihost.py", "test_cli.py", "test_train.py", "test_reliability.py",
                "test_configs.py", "test_pods.py", "test_convert.py", "test_vae_sharded.py", "test_cli_fuzz.py",
-               "test_prepare.py")
+               "test_prepare.py", "test_experiments.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import FIXTURES, ROOT, run_cli
+from tests.helpers import FIXTURES, ROOT, cli_env, run_cli
 
 SRC = FIXTURES / "wan_pipeline_tiny"
 
@@ -93,13 +93,14 @@ def test_finetune_from_imported_checkpoint(wan_ckpt, tmp_path):
     wd = tmp_path / "ft"
     r = run_cli(["-m", "sorajax.train", "--config", f"configs/wan2_1_finetune.py:{wan_ckpt}", "--workdir", str(wd),
                  f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.num_train=16",
-                 "--config.dit_train.steps=2", "--config.dit_train.log_every=1", "--config.dit_train.ckpt_every=2"])
+                 "--config.dit_train.steps=2", "--config.dit_train.log_every=1", "--config.dit_train.ckpt_every=2"],
+                env=cli_env(2))  # fsdp=2: the sharded restore of the imported weights
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
     assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
     # The fine-tuned run samples like any run.
     r = run_cli(["-m", "sorajax.sample", "--workdir", str(wd), "--prompt", "a red circle moves right",
-                 "--steps", "2", "--out", str(tmp_path / "ft.gif")])
+                 "--steps", "2", "--out", str(tmp_path / "ft.gif")], env=cli_env(2))
     assert r.returncode == 0, r.stderr[-3000:]
 
 

@@ -1,0 +1,23 @@
+"""Conditioning masks: what does training 30% of clips with given frames (so one model also does
+i2v, extension, connect and keyframes) cost text-to-video adherence?
+
+    python scripts/reproduce.py configs/experiments/cond_masks.py --seeds 3
+
+Training arms: the toy config's masks (its default; the runs are shared with sample_shift.py)
+against all mask rates at 0.
+"""
+from configs.experiments import _budget
+from sorajax.experiments import Arm, Experiment
+
+NO_MASKS = tuple(f"--config.dit_train.cond_rates.{k}=0.0"
+                 for k in ("first", "first_k", "last_k", "first_last", "keyframes"))
+
+
+def get_experiment(arg: str = ""):
+    base, overrides, num_prompts = _budget.budget(arg)
+    return Experiment(
+        name="cond_masks",
+        question="Text-to-video adherence with the toy's conditioning masks (30% of clips) vs none.",
+        base=base, overrides=overrides, num_prompts=num_prompts,
+        arms={"masks (toy default)": Arm(), "no masks": Arm(train=NO_MASKS)},
+        budget="6 DiT runs (~4.5 min each; 3 shared with sample_shift): ~14 min after it, ~36 min alone")
