@@ -46,20 +46,28 @@ def check_declared(cfg, where: str) -> None:
                         "(declare a new setting there, with its default and a comment)")
 
 
+def load_python_file(path: str, prefix: str, what: str, kind: str):
+    """Executes the Python file `path` as a module named `prefix` + its stem (configs and
+    experiments); a file that is not Python or fails to run is the user's input: UserError
+    starting with `what`."""
+    modname = prefix + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(modname, path)
+    if module_spec is None or module_spec.loader is None:
+        raise UserError(f"{what} {path!r} is not {kind}")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a broken file is the user's input
+        raise UserError(f"{what} {path} failed to load: {type(e).__name__}: {e}") from e
+    return module
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`path/to/config.py[:arg]` -> the ConfigDict returned by its get_config(arg)."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise UserError(f"--config: no such file {path!r}")
-    modname = "sorajax_config_" + os.path.splitext(os.path.basename(path))[0]
-    module_spec = importlib.util.spec_from_file_location(modname, path)
-    if module_spec is None or module_spec.loader is None:
-        raise UserError(f"--config: {path!r} is not a Python config file (configs/NAME.py)")
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # a broken config file is the user's input
-        raise UserError(f"--config: {path} failed to load: {type(e).__name__}: {e}") from e
+    module = load_python_file(path, "sorajax_config_", "--config:", "a Python config file (configs/NAME.py)")
     if not hasattr(module, "get_config"):
         raise UserError(f"--config: {path} has no get_config()")
     takes_arg = bool(inspect.signature(module.get_config).parameters)

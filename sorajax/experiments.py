@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -66,12 +65,8 @@ def load(spec: str) -> Experiment:
     path, _, arg = spec.partition(":")
     if not path.endswith(".py") or not os.path.isfile(path):
         raise UserError(f"experiment {spec!r}: no such file (configs/experiments/NAME.py[:ARG])")
-    mod_spec = importlib.util.spec_from_file_location("sorajax_experiment", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(module)
-    except Exception as e:  # a broken experiment file is the user's input
-        raise UserError(f"experiment {path} failed to load: {type(e).__name__}: {e}") from e
+    module = config_lib.load_python_file(path, "sorajax_experiment_", "experiment",
+                                         "a Python experiment file (configs/experiments/NAME.py)")
     if not hasattr(module, "get_experiment"):
         raise UserError(f"experiment {path} has no get_experiment(arg)")
     try:
