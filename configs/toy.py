@@ -7,7 +7,8 @@ Tiny smoke variant (seconds; used by tests):
 
 Two stages in one run: the causal VAE (spacetime compression 4x4x4) trains first into
 WORKDIR/vae, then the DiT and the small T5-style text encoder train on the frozen VAE's latents
-into WORKDIR. 13-frame 32x32 clips -> 4x8x8x8 latents; the DiT trains on 9-frame windows
+into WORKDIR. The harder world: 1-2 objects, a wall in 30% of clips, two-tone backgrounds in
+30%. 13-frame 32x32 clips -> 4x8x8x8 latents; the DiT trains on 9-frame windows
 (3x8x8x8 latents -> 48 tokens with (1, 2, 2) patches) and samples 9 frames by default.
 The declared defaults (sorajax/config_base.py) are this model; this file adds the conditioning
 masks of the generation modes and the tiny variant.
@@ -26,6 +27,12 @@ def get_config(arg: str = ""):
     # extension and long rollouts. 9 frames is also the sampling length. (17-frame clips: a
     # third of the objects bounce off an edge, against their caption's direction.)
     c.data.frames = 13
+    # The harder world (world benchmark issue): up to 2 objects per clip, a wall (the occluder)
+    # in 30% and a two-tone background in 30%, so the model sees what the test prompts ask for.
+    # Measured against one object per clip (seed 0, 1 sampling seed, 48 test prompts): background
+    # adherence 0.06 -> 0.60, VAE PSNR 18.3 -> 20.6 dB, i2v 18.5 -> 21.6 dB, loop closure 4.2 ->
+    # 3.0; colour 0.54 -> 0.46, direction 0.35 -> 0.17 (README has the table).
+    c.data.update(max_objects=2, occluder_prob=0.3, two_tone_prob=0.3)
     c.vae_train.clip_frames = 9
     c.dit_train.clip_frames = 9
     if arg == "runlocal":

@@ -1,9 +1,11 @@
 """The shared budget of the toy ablations: the toy config (configs/toy.py), its DiT trained for
-1,000 steps instead of the demo's 1,500, no end-of-run samples; ~4.5 min per DiT run on 2 CPU
-cores. Arms that share it and their training settings share runs (sorajax/experiments.py)."""
+700 steps instead of the demo's 1,500, no end-of-run samples; ~3 min per DiT run on 2 CPU
+cores, so that an experiment of 2 training arms x 3 seeds (the VAE, 6 DiT runs, 6 benchmark
+passes) runs alone in under 30 minutes. Arms that share it and their training settings share
+runs (sorajax/experiments.py)."""
 
 BASE = "configs/toy.py"
-OVERRIDES = ("--config.dit_train.steps=1000", "--config.dit_train.ckpt_every=500",
+OVERRIDES = ("--config.dit_train.steps=700", "--config.dit_train.ckpt_every=350",
              "--config.dit_train.sample_at_end=False")
 # :runlocal -- the same path at smoke-test size (tests/test_experiments.py).
 RUNLOCAL_BASE = "configs/toy.py:runlocal"

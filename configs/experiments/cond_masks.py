@@ -20,4 +20,4 @@ def get_experiment(arg: str = ""):
         question="Text-to-video adherence with the toy's conditioning masks (30% of clips) vs none.",
         base=base, overrides=overrides, num_prompts=num_prompts,
         arms={"masks (toy default)": Arm(), "no masks": Arm(train=NO_MASKS)},
-        budget="6 DiT runs (~4.5 min each; 3 shared with sample_shift): ~14 min after it, ~36 min alone")
+        budget="the VAE (~7 min), 6 DiT runs (~3 min each; 3 shared with sample_shift), 6 benchmark passes: ~27 min alone")

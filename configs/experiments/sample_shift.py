@@ -16,4 +16,4 @@ def get_experiment(arg: str = ""):
         question="Sampling time shift 1 (uniform) vs 3 (more steps at high noise), same trained runs.",
         base=base, overrides=overrides, num_prompts=num_prompts,
         arms={"shift 1": Arm(sample=dict(shift=1.0)), "shift 3": Arm(sample=dict(shift=3.0))},
-        budget="the VAE (~7 min), 3 DiT runs (~4.5 min each), 6 benchmark passes: ~22 min on 2 CPU cores")
+        budget="the VAE (~7 min), 3 DiT runs (~3 min each), 6 benchmark passes: ~17 min on 2 CPU cores")
