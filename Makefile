@@ -7,12 +7,16 @@ PYTHON ?= $(shell for p in python3.12 python3.13 /root/.pyenv/versions/3.12.1/bi
 	  if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null; then command -v $$p; break; fi; done)
 DEMO_RUN ?= runs/toy
 DEMO_SAMPLES ?= samples
+# extra config overrides for the demo, e.g. `make demo DEMO_RUN=runs/toy_s1 DEMO_SAMPLES=samples_s1
+# DEMO_ARGS=--config.seed=1` (another training seed: parameter init, data order, noise)
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: venv aot-deps demo test clean help
 
 help:
 	@echo "make demo   - create $(VENV), build the synthetic world, train the toy model, sample, evaluate"
+	@echo "              (DEMO_RUN=dir DEMO_SAMPLES=dir DEMO_ARGS='--config.seed=1' for another training seed)"
 	@echo "make test   - create/update $(VENV) and run the test suite (8 fake CPU devices)"
 	@echo "make aot-deps - install libtpu into $(VENV)/aot-libtpu for scripts/aot_compile.py"
 	@echo "make clean  - remove runs/, samples/, data/"
@@ -39,7 +43,7 @@ aot-deps: $(VENV)/aot-libtpu/.installed
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) scripts/demo.py --workdir $(DEMO_RUN) --samples $(DEMO_SAMPLES)
+	$(PY) scripts/demo.py --workdir $(DEMO_RUN) --samples $(DEMO_SAMPLES) $(DEMO_ARGS)
 
 # --dist loadfile: a test file runs on one worker, so its session fixtures (a trained run, a
 # converted checkpoint) are built once; --no-loadscope-reorder keeps tests/conftest.py's order
