@@ -22,7 +22,7 @@ help:
 	@echo "make clean  - remove runs/, samples/, data/"
 
 # Bytecode is compiled at install time (pip default): where PYTHONDONTWRITEBYTECODE is set,
-# as on the CI machines, nothing would be cached at import and every process would recompile it
+# as on this machine, nothing would be cached at import and every process would recompile it
 # (measured: jax+flax+tfds imports 5.5 s instead of 2 s per test subprocess).
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then echo "error: sorajax needs Python >= 3.12 (jax >= 0.11); none found on PATH. Install python3.12 or run: make PYTHON=/path/to/python3.12"; exit 2; fi
