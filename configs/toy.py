@@ -29,9 +29,9 @@ def get_config(arg: str = ""):
     c.data.frames = 13
     # The harder world (world benchmark issue): up to 2 objects per clip, a wall (the occluder)
     # in 30% and a two-tone background in 30%, so the model sees what the test prompts ask for.
-    # Measured against one object per clip (seed 0, 1 sampling seed, 48 test prompts): background
-    # adherence 0.06 -> 0.60, VAE PSNR 18.3 -> 20.6 dB, i2v 18.5 -> 21.6 dB, loop closure 4.2 ->
-    # 3.0; colour 0.54 -> 0.46, direction 0.35 -> 0.17 (README has the table).
+    # Against one object per clip (training seed 0, one sampling seed, 48 test prompts): background
+    # adherence 0.06 -> 0.60, VAE PSNR 18.3 -> 20.6 dB, i2v 18.5 -> 21.6 dB; colour 0.54 -> 0.46,
+    # direction 0.35 -> 0.17. README has both training seeds over 3 sampling seeds each.
     c.data.update(max_objects=2, occluder_prob=0.3, two_tone_prob=0.3)
     c.vae_train.clip_frames = 9
     c.dit_train.clip_frames = 9
