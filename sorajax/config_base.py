@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_objects = 1  # objects per clip, at most
     c.data.occluder_prob = 0.0  # chance of a static occluder bar in a clip
     c.data.two_tone_prob = 0.0  # chance of a two-colour background
+    # held-out compositions: "COLOR SHAPE" pairs no training clip shows, e.g. ("red triangle",);
+    # the benchmark scores prompts with them apart (report.json metrics_heldout / metrics_seen)
+    c.data.holdout = ()
     # Native shapes (world data; trained with dit_train.packing="pack"): each clip gets one of
     # these width/height ratios at the nearest size to height x width pixels whose sides are
     # multiples of size_multiple, and one of `durations` frame counts -- or is a 1-frame image,

@@ -24,7 +24,8 @@ def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> 
         made.append((list(captions), frames))
         return frames
 
-    report = evaluate.run_benchmark(generate_and_keep, info={"workdir": workdir})
+    report = evaluate.run_benchmark(generate_and_keep, info={"workdir": workdir},
+                                    holdout=tuple(pipe.config.data.holdout))
     report["vae"] = evaluate.vae_reconstruction(pipe)
     report_path = os.path.join(workdir, "eval.json")
     fileio.write_json(report_path, report)
@@ -53,6 +54,11 @@ def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> 
     print(f"  videos:       {os.path.abspath(samples_dir)}/  ({', '.join(os.path.basename(p) for p in paths[:3])}, ...)")
     print(f"  world eval:   {os.path.abspath(report_path)}")
     print("  metrics:      " + ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
+    for g in ("seen", "heldout"):
+        if f"metrics_{g}" in report:
+            mg = report[f"metrics_{g}"]
+            print(f"  {g + ' pairs:':<14}" + ", ".join(f"{k}={mg[k]:.3f}" for k in
+                                                     ("color_adherence", "shape_adherence", "prompt_adherence")))
     v = report["vae"]
     print(f"  VAE:          PSNR {v['psnr']:.2f} dB (by frame {v['psnr_by_frame']}), SSIM {v['ssim']:.3f}")
     print(f"  modes eval:   {os.path.abspath(modes_path)}  (contact sheets in {os.path.abspath(samples_dir)}/modes/)")

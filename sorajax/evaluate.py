@@ -121,9 +121,13 @@ def model_generate(pipe, *, steps=None, guidance=None, frames=None, height=None,
 
 def run_benchmark(generate: Generate, *, seed: int = 0, seeds: int = 1, batch_size: int = 12,
                   prompts: str = "test", info: dict[str, Any] | None = None,
-                  num_prompts: int | None = None) -> dict[str, Any]:
+                  num_prompts: int | None = None, holdout: Sequence[str] = ()) -> dict[str, Any]:
     """Generates a prompt set ("test" or "validation"; its first `num_prompts` when given)
-    `seeds` times and scores it -> {"metrics", "stderr", "videos", "info"}.
+    `seeds` times and scores it -> {"metrics", "stderr", "videos", "info"}. With `holdout` (the
+    "COLOR SHAPE" pairs the model never saw: its data.holdout), the prompts with a held-out pair
+    are also scored apart from the others: "metrics_heldout"/"stderr_heldout" and
+    "metrics_seen"/"stderr_seen", with the names of "metrics"; their colour adherence also joins
+    "metrics" (and "stderr") as heldout_color_adherence and seen_color_adherence.
 
     Sampling seed k (0 <= k < seeds) starts at seed + k * len(prompts); its batch i uses that
     plus its first prompt's index, so no two batches share a seed. "metrics" are the means of
@@ -131,7 +135,10 @@ def run_benchmark(generate: Generate, *, seed: int = 0, seeds: int = 1, batch_si
     if prompts not in world_lib.PROMPT_SETS:
         raise ValueError(f"prompts must be one of {sorted(world_lib.PROMPT_SETS)}, got {prompts!r}")
     plist = world_lib.PROMPT_SETS[prompts][:num_prompts]
+    held = [world_lib.held_out(p.spec, holdout) for p in plist]
+    groups = {"heldout": [i for i, h in enumerate(held) if h], "seen": [i for i, h in enumerate(held) if not h]}
     per_seed, videos, perm_clips, shape = [], [], 0, None
+    per_group = {g: [] for g in groups}
     for k in range(seeds):
         base = seed + k * len(plist)
         clips, batch_seeds = [], []
@@ -145,16 +152,36 @@ def run_benchmark(generate: Generate, *, seed: int = 0, seeds: int = 1, batch_si
         for v, p, s in zip(rep["videos"], plist, batch_seeds):
             v.update(prompt=p.caption, seed=int(s), sample=k)
         per_seed.append(rep["metrics"])
+        if holdout:
+            for g, idx in groups.items():
+                if idx:
+                    per_group[g].append(score_clips([clips[i] for i in idx], [plist[i].spec for i in idx])["metrics"])
+        for v, h in zip(rep["videos"], held):
+            v["heldout"] = h
         videos.extend(rep["videos"])
         perm_clips += rep["permanence_clips"]
-    names = list(per_seed[0])
-    metrics = {n: float(np.mean([m[n] for m in per_seed])) for n in names}
-    stderr = {n: (float(np.std([m[n] for m in per_seed], ddof=1) / np.sqrt(seeds)) if seeds > 1 else None)
-              for n in names}
+    metrics, stderr = _mean_stderr(per_seed)
     t, h, w = shape
     report_info = dict(info or {}, seed=seed, seeds=seeds, prompts=prompts, num_prompts=len(plist),
                        permanence_clips=perm_clips, frames=int(t), height=int(h), width=int(w))
-    return {"metrics": metrics, "stderr": stderr, "videos": videos, "info": report_info}
+    out = {"metrics": metrics, "stderr": stderr, "videos": videos, "info": report_info}
+    if holdout:
+        report_info.update(holdout=list(holdout), heldout_prompts=len(groups["heldout"]))
+        for g, ms in per_group.items():
+            if ms:
+                out[f"metrics_{g}"], out[f"stderr_{g}"] = _mean_stderr(ms)
+            metrics[f"{g}_color_adherence"] = out[f"metrics_{g}"]["color_adherence"] if ms else None
+            stderr[f"{g}_color_adherence"] = out[f"stderr_{g}"]["color_adherence"] if ms else None
+    return out
+
+
+def _mean_stderr(per_seed: list[dict[str, float]]) -> tuple[dict, dict]:
+    """Per-seed metrics -> (their means, their standard errors over the seeds; None with one)."""
+    n = len(per_seed)
+    metrics = {k: float(np.mean([m[k] for m in per_seed])) for k in per_seed[0]}
+    stderr = {k: (float(np.std([m[k] for m in per_seed], ddof=1) / np.sqrt(n)) if n > 1 else None)
+              for k in per_seed[0]}
+    return metrics, stderr
 
 
 def psnr_ssim(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +226,7 @@ def vae_reconstruction(pipe, *, prompts: str = "test", batch_size: int = 12) -> 
 
 # What a 1-frame image can show: no motion, so no direction, persistence, permanence or flicker.
 IMAGE_METRICS = ("color_adherence", "shape_adherence", "size_adherence", "count_adherence",
-                 "background_adherence", "color_purity")
+                 "background_adherence", "color_purity", "heldout_color_adherence", "seen_color_adherence")
 
 
 def shape_cases(data_cfg) -> dict[str, tuple[int, int, int]]:
@@ -260,6 +287,7 @@ def evaluate_workdir(workdir: str, out: str, **kw) -> dict[str, Any]:
                 guidance=d["guidance"] if gen_kw.get("guidance") is None else gen_kw["guidance"],
                 step_cache=cache)
     generate = model_generate(pipe, **gen_kw)
+    kw["holdout"] = tuple(pipe.config.data.holdout)
     report = run_benchmark(generate, info=info, **kw)
     if cache > 0:  # the share of model calls that ran the DiT blocks
         report["info"]["block_run_fraction"] = generate.stats["block_runs"] / max(generate.stats["model_calls"], 1)
@@ -367,6 +395,12 @@ def _main(argv) -> int:
                                   steps=a.steps, guidance=a.guidance, frames=a.frames,
                                   height=a.height, width=a.width, step_cache=a.step_cache)
     print(json.dumps(report["metrics"], indent=1))
+    if "metrics_heldout" in report:
+        for g in ("seen", "heldout"):
+            m = report.get(f"metrics_{g}")
+            if m:
+                print(f"{g:>9} compositions: " + "  ".join(f"{k} {m[k]:.3f}" for k in
+                      ("color_adherence", "shape_adherence", "direction_adherence", "prompt_adherence")))
     for name, m in report.get("metrics_by_shape", {}).items():
         sz = report["shapes"][name]
         cells = "  ".join(f"{k} {m[k]:.3f}" for k in ("color_adherence", "direction_adherence", "prompt_adherence")

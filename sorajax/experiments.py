@@ -9,8 +9,9 @@ samples the world benchmark's prompt set with each arm's settings and scores it
 docs/RESULTS.md (its own section, replaced on a rerun) with the command that made it.
 
 What is shared, on purpose: the frozen VAE is trained once per experiment (training seed 0, the
-base settings; an arm that changes `--config.vae*` or `--config.data*` gets its own), so the
-seeds vary the DiT and text encoder (init, data order, training noise) and the sampling noise.
+base settings; an arm that changes `--config.vae*` or `--config.data*` gets its own), and so is
+its latent cache (every run's `vae` and `latents` folders link to WORK/vae/KEY/), so the seeds vary
+the DiT and text encoder (init, data order, training noise) and the sampling noise.
 Finished runs and scores are kept under the work folder and reused, so an interrupted or
 extended (`--seeds 5` after `--seeds 3`) reproduction only computes what is missing.
 """
@@ -125,15 +126,26 @@ def ensure_vae(exp: Experiment, arm: Arm, root: str) -> str:
 
 
 def ensure_run(exp: Experiment, arm: Arm, seed: int, root: str) -> str:
-    """Trains (or finds finished, or resumes) the run of `arm`'s training settings at `seed`."""
+    """Trains (or finds finished, or resumes) the run of `arm`'s training settings at `seed`.
+    Its `vae` folder links to the experiment's frozen VAE, and its `latents` folder to the one
+    latent cache of that VAE (built by the first run that needs it, normalisation statistics
+    included): the VAE's encode of the training clips runs once per experiment, not per run."""
     d = os.path.join(root, "runs", _run_key(exp, arm, seed))
-    vae_dir = os.path.join(d, "vae")
-    if not os.path.isdir(vae_dir):
-        src = os.path.join(ensure_vae(exp, arm, root), "vae")
-        tmp = vae_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        os.replace(tmp, vae_dir)
+    vae_root = os.path.join(root, "vae", _vae_key(exp, arm))
+    if not os.path.islink(os.path.join(d, "vae")):  # (linked once the VAE is trained)
+        ensure_vae(exp, arm, root)
+    os.makedirs(d, exist_ok=True)
+    for name in ("vae", "latents"):
+        link, target = os.path.join(d, name), os.path.join(vae_root, name)
+        if name == "latents":
+            os.makedirs(target, exist_ok=True)
+        if os.path.islink(link) and os.readlink(link) == target:
+            continue
+        if os.path.islink(link):
+            os.remove(link)
+        elif os.path.isdir(link):  # a run folder from before the links: its own copy
+            shutil.rmtree(link)
+        os.symlink(target, link)
     fileio.write_json(os.path.join(d, "experiment_run.json"),
                       dict(base=exp.base, overrides=list(exp.overrides), train=list(arm.train), seed=seed))
     print(f"[reproduce] seed {seed}: training {d}", flush=True)

@@ -212,12 +212,14 @@ class VAEStage(Stage):
 
 
 def vae_provenance(config, run_dir) -> str:
-    """Names the frozen VAE's weights (for the latent cache) without loading them."""
+    """Names the frozen VAE's weights (for the latent cache) without loading them: the real path
+    of its newest checkpoint, so runs whose `vae` folder links to one VAE (the experiment runner's
+    arms and seeds) name the same weights and share one latent cache."""
     if config.init_from:
         return f"init_from:{os.path.realpath(config.init_from)}"
     ckdir = os.path.join(VAEStage(config, run_dir).workdir, "checkpoints")
     steps = ckpt_lib.list_steps(ckdir)
-    return f"{os.path.abspath(ckdir)}/{steps[-1] if steps else 'none'}"
+    return f"{os.path.realpath(ckdir)}/{steps[-1] if steps else 'none'}"
 
 
 def load_vae_state(config, run_dir, mesh):

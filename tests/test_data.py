@@ -32,6 +32,30 @@ def test_any_clip_shape(shape):
         assert len(o["trajectory"]) == t and len(o["visible"]) == t
 
 
+def test_holdout_pairs_never_appear_in_generated_clips():
+    """data.holdout: the held-out colour-shape pairs never occur in a generated clip, while the
+    colour and the shape each still do; no holdout draws exactly the clips it drew before."""
+    held = ("yellow circle", "magenta square", "red triangle")
+    cfg = world.WorldConfig(max_objects=2, holdout=held)
+    pairs = {f"{o['color']} {o['shape']}" for s in range(600)
+             for o in world.generate_clip(s, cfg)["meta"]["objects"]}
+    assert not pairs & set(held)
+    assert {"yellow square", "red circle", "magenta triangle", "green circle", "blue square"} <= pairs
+    free = world.WorldConfig(max_objects=2)
+    all_pairs = {f"{o['color']} {o['shape']}" for s in range(600)
+                 for o in world.generate_clip(s, free)["meta"]["objects"]}
+    assert set(held) <= all_pairs  # without the holdout they do occur
+    assert world.held_out({"objects": [{"color": "red", "shape": "triangle"}]}, held)
+    assert not world.held_out({"objects": [{"color": "red", "shape": "circle"}]}, held)
+    for bad in (("red",), ("red hexagon",), ("red circle", "red square", "red triangle")):
+        with pytest.raises(ValueError, match="holdout"):
+            world.WorldConfig(holdout=bad)
+    # an empty holdout keeps the dataset names (and so the data) of configs from before it
+    kw = dict(frames=3, height=8, width=8, num_train=4, num_eval=2)
+    assert builders.make_config(**kw).name == builders.make_config(**kw, holdout=()).name
+    assert builders.make_config(**kw).name != builders.make_config(**kw, holdout=held).name
+
+
 def test_captions_match_meta():
     cfg = world.WorldConfig(occluder_prob=0.5, two_tone_prob=0.5)
     seen_occ = seen_two = 0

@@ -171,6 +171,31 @@ def test_seeds_give_standard_errors_and_prompt_sets_switch():
         ev.run_benchmark(generate, prompts="train")
 
 
+def test_heldout_compositions_are_scored_apart():
+    """A run's data.holdout: prompts with a held-out colour-shape pair are scored apart
+    (metrics_heldout) from the seen ones (metrics_seen). A model that gets only the held-out
+    compositions wrong scores low there and high on the seen ones."""
+    held = ("yellow circle", "magenta square", "red triangle")
+    truth = ev.ground_truth_generate(CFG)
+    heldout_caps = {p.caption for p in world.TEST_PROMPTS if world.held_out(p.spec, held)}
+    assert 10 <= len(heldout_caps) <= 20  # configs/toy.py's pairs: a third of the test set
+
+    def generate(captions, seed):  # blank clips for the held-out prompts
+        x = truth(captions, seed)
+        x[[c in heldout_caps for c in captions]] = 0.0
+        return x
+
+    rep = ev.run_benchmark(generate, holdout=held)
+    assert rep["info"]["heldout_prompts"] == len(heldout_caps)
+    assert rep["metrics_seen"]["color_adherence"] >= 0.98
+    assert rep["metrics_heldout"]["color_adherence"] == 0.0
+    assert rep["metrics"]["heldout_color_adherence"] == 0.0 and rep["metrics"]["seen_color_adherence"] >= 0.98
+    assert set(rep["metrics"]) == set(rep["stderr"])
+    assert set(rep["metrics_heldout"]) == set(rep["metrics_seen"]) == set(rep["stderr_seen"])
+    assert sum(v["heldout"] for v in rep["videos"]) == len(heldout_caps)
+    assert "metrics_heldout" not in ev.run_benchmark(truth, prompts="validation")
+
+
 def test_model_generate_passes_the_sampling_settings():
     by_caption = {p.caption: p for p in world.EVAL_PROMPTS}
     calls = []

@@ -5,6 +5,7 @@ runs; arms that differ only in sampling share one training run per seed; bad inp
 and exit 2."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from sorajax import cli, experiments
 from sorajax.errors import UserError
 from tests.helpers import ROOT, cli_env, run_cli
 
+ENCODED = re.compile(r"latent cache \S+: \d+ clips")  # what sorajax/latents.py prints when it encodes
 EXPERIMENTS = sorted(p for p in (ROOT / "configs" / "experiments").glob("*.py") if not p.name.startswith("_"))
 
 
@@ -71,13 +73,23 @@ def test_reproduce_shares_runs_across_sampling_arms_and_reuses_them(tmp_path):
     assert "| shift 1 |" in text and "| shift 3 |" in text
     r2 = run_cli(argv, env=cli_env(2))
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert "[dit] already trained" in r2.stdout and "latent cache" not in r2.stdout
+    assert "[dit] already trained" in r2.stdout and not ENCODED.search(r2.stdout)
     assert "sampling" not in r2.stderr  # both scores reused, nothing sampled
     table = [l for l in text.splitlines() if l.startswith("| shift")]
     text2 = (tmp_path / "R.md").read_text()
     assert [l for l in text2.splitlines() if l.startswith("| shift")] == table
     assert "reused from earlier invocations: 1 of 1 finished runs, 2 of 2 scores" in text2
     assert "reused" not in text  # the first invocation computed everything
+    # A second seed: a new DiT run on the experiment's one VAE and its one latent cache (the
+    # clips are not encoded again; the normalisation statistics come with the cache).
+    r3 = run_cli([*argv[:3], "2", *argv[4:]], env=cli_env(2))
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert "[reproduce] seed 1: training" in r3.stdout and not ENCODED.search(r3.stdout), r3.stdout[-2000:]
+    run_dirs = [tmp_path / "exp" / "runs" / n for n in sorted(os.listdir(tmp_path / "exp" / "runs"))]
+    assert len(run_dirs) == 2
+    assert len({os.path.realpath(d / "latents") for d in run_dirs}) == 1
+    stats = [json.load(open(d / "config.json"))["vae"]["overrides"]["latents_mean"] for d in run_dirs]
+    assert stats[0] == stats[1]
 
 
 @pytest.mark.parametrize("args, words", [

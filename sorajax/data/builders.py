@@ -73,8 +73,10 @@ def make_config(*, frames: int, height: int, width: int, num_train: int, num_eva
     wc = world_lib.WorldConfig.from_dict(
         dict(world_kwargs, frames=frames, height=height, width=width))
     full = wc.to_dict()
+    # (an empty holdout is left out, so datasets built before it existed keep their names)
     world_json = json.dumps({k: v for k, v in sorted(full.items())
-                             if k not in ("frames", "height", "width")}, sort_keys=True)
+                             if k not in ("frames", "height", "width") and not (k == "holdout" and not v)},
+                            sort_keys=True)
     digest = hashlib.sha1(world_json.encode()).hexdigest()[:8]
     native_json = json.dumps(native, sort_keys=True) if native else ""
     name = (f"f{frames}_{height}x{width}_n{num_train}-{num_eval}_s{seed}"
@@ -221,6 +223,8 @@ def world_kwargs(data_cfg) -> dict[str, Any]:
               num_eval=d.num_eval, seed=d.seed, min_objects=d.min_objects,
               max_objects=d.max_objects, occluder_prob=d.occluder_prob,
               two_tone_prob=d.two_tone_prob)
+    if d.holdout:
+        kw["holdout"] = tuple(str(x) for x in d.holdout)
     native = shapes.native_settings(d)
     return dict(kw, native=native) if native else kw
 

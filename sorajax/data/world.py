@@ -87,6 +87,10 @@ class WorldConfig:
     colors: tuple[str, ...] = tuple(COLORS)
     shapes: tuple[str, ...] = SHAPES
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    # Held-out compositions: "COLOR SHAPE" pairs that no generated clip contains (the colour
+    # comes in its other shapes, the shape in other colours), so a benchmark can score prompts
+    # that combine seen words in unseen ways apart from the seen ones.
+    holdout: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.frames < 1 or self.height < 4 or self.width < 4:
@@ -98,6 +102,14 @@ class WorldConfig:
             bad = [v for v in getattr(self, name) if v not in table]
             if bad:
                 raise ValueError(f"unknown {name}: {bad}")
+        for pair in self.holdout:
+            color, _, shape = str(pair).partition(" ")
+            if color not in self.colors or shape not in self.shapes:
+                raise ValueError(f"holdout {pair!r}: expected 'COLOR SHAPE' with a colour of "
+                                 f"{list(self.colors)} and a shape of {list(self.shapes)}")
+        for color in self.colors:
+            if all(f"{color} {s}" in self.holdout for s in self.shapes):
+                raise ValueError(f"holdout leaves no shape for {color!r}")
 
     @property
     def scale(self) -> int:
@@ -139,8 +151,10 @@ def sample_spec(rng: np.random.Generator, cfg: WorldConfig) -> dict[str, Any]:
     objects = []
     for color in picked:
         motion = "still" if rng.random() < cfg.still_prob else moving[int(rng.integers(len(moving)))]
+        # (with no holdout: the same draws as before it existed)
+        allowed = [s for s in cfg.shapes if f"{color} {s}" not in cfg.holdout]
         objects.append({
-            "shape": cfg.shapes[int(rng.integers(len(cfg.shapes)))],
+            "shape": allowed[int(rng.integers(len(allowed)))],
             "color": color,
             "size": ("small", "large")[int(rng.integers(2))],
             "motion": motion,
@@ -153,6 +167,11 @@ def sample_spec(rng: np.random.Generator, cfg: WorldConfig) -> dict[str, Any]:
         background = [bgs[int(rng.integers(len(bgs)))]]
     return {"objects": objects, "background": background,
             "occluder": bool(rng.random() < cfg.occluder_prob)}
+
+
+def held_out(spec: dict[str, Any], holdout) -> bool:
+    """True when an object of `spec` is a held-out "COLOR SHAPE" composition of `holdout`."""
+    return any(f"{o['color']} {o['shape']}" in holdout for o in spec["objects"])
 
 
 def _fold(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
