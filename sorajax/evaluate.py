@@ -308,7 +308,9 @@ def parse_args(argv):
                     "(background, wall, count, colour, shape, size, direction) and world "
                     "consistency (persistence, object permanence, temporal consistency) from "
                     "the frames (docs/EVALUATION.md), writes a JSON report with "
-                    "'metrics' (floats in [0, 1]) and per-video details.")
+                    "'metrics' (floats in [0, 1]) and per-video details. A run trained with "
+                    "data.holdout (held-out colour-shape pairs) also gets the prompts using them "
+                    "scored apart: metrics_heldout / metrics_seen, heldout_color_adherence.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir of the model to sample from")
     src.add_argument("--ground-truth", action="store_true",

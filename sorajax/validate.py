@@ -187,6 +187,13 @@ def validate(config, data: bool = True) -> None:
     _need(d.source != "world" or not d.dir, "data.dir", d.dir,
           "is read only with data.source='folder' (a prepared DATA_DIR) or 'latents' (a latent "
           "cache); add --config.data.source=folder (or latents), or drop data.dir for the world")
+    if d.source == "world":  # the world's own settings (objects, holdout pairs, ...)
+        try:
+            world_lib.WorldConfig(min_objects=d.min_objects, max_objects=d.max_objects,
+                                  occluder_prob=d.occluder_prob, two_tone_prob=d.two_tone_prob,
+                                  holdout=tuple(d.holdout))
+        except (ValueError, TypeError) as e:
+            raise UserError(f"config data: {e}") from None
     _need(d.source != "latents" or "vae" not in stages, "stages", stages,
           "data.source='latents' holds no pixels to train a VAE on: train the 'dit' stage only")
     num_train = (None if not data else _folder_dataset(d)["train_clips"] if d.source == "folder" else

@@ -143,6 +143,8 @@ BAD = [
     (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
       "--config.mesh.data=3"], "multiply to 3, but there are 8 devices"),
     (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
+      "--config.data.holdout=('red hexagon',)"], "holdout 'red hexagon': expected 'COLOR SHAPE'"),
+    (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
       "--config.dit_train.batch_size=12"], "train.batch_size=12: must be a multiple of 8"),
     (["-m", "sorajax.train", "--config", "configs/toy.py:runlocal", "--workdir", "{tmp}/w",
       "--config.dit_train.log_every=0"], "train.log_every=0"),
