@@ -131,7 +131,7 @@ def ensure_run(exp: Experiment, arm: Arm, seed: int, root: str) -> str:
     latent cache of that VAE (built by the first run that needs it, normalisation statistics
     included): the VAE's encode of the training clips runs once per experiment, not per run."""
     d = os.path.join(root, "runs", _run_key(exp, arm, seed))
-    vae_root = os.path.join(root, "vae", _vae_key(exp, arm))
+    vae_root = os.path.abspath(os.path.join(root, "vae", _vae_key(exp, arm)))  # links from d
     if not os.path.islink(os.path.join(d, "vae")):  # (linked once the VAE is trained)
         ensure_vae(exp, arm, root)
     os.makedirs(d, exist_ok=True)

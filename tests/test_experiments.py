@@ -82,7 +82,9 @@ def test_reproduce_shares_runs_across_sampling_arms_and_reuses_them(tmp_path):
     assert "reused" not in text  # the first invocation computed everything
     # A second seed: a new DiT run on the experiment's one VAE and its one latent cache (the
     # clips are not encoded again; the normalisation statistics come with the cache).
-    r3 = run_cli([*argv[:3], "2", *argv[4:]], env=cli_env(2))
+    # (from another working directory, with a relative --workdir: the links must still resolve)
+    r3 = run_cli([str(ROOT / "scripts" / "reproduce.py"), str(ROOT / argv[1]), "--seeds", "2", "--workdir", "exp",
+                  "--results", str(tmp_path / "R.md")], env=cli_env(2), cwd=tmp_path)
     assert r3.returncode == 0, r3.stderr[-3000:]
     assert "[reproduce] seed 1: training" in r3.stdout and not ENCODED.search(r3.stdout), r3.stdout[-2000:]
     run_dirs = [tmp_path / "exp" / "runs" / n for n in sorted(os.listdir(tmp_path / "exp" / "runs"))]
