@@ -1,9 +1,9 @@
 """The shared budget of the toy ablations: the toy config (configs/toy.py), its DiT trained for
-700 steps instead of the demo's 1,500, no end-of-run samples; 3.4 min per DiT run on 2 CPU
-cores, plus one latent cache (0.5 min) per experiment, shared by its runs, so that an experiment
-of 2 training arms x 3 seeds (the VAE, 6 DiT runs, 6 benchmark passes) runs alone in under 30
-minutes (cond_masks: 29.0 min measured when every run built its own cache; ~26.5 min by its
-parts now). Arms that share it and their training settings share runs (sorajax/experiments.py)."""
+700 steps instead of the demo's 1,500, no end-of-run samples; 3.4-4 min per DiT run on 2 CPU
+cores, plus one latent cache (0.5-1 min) per experiment, shared by its runs, so that an
+experiment of 2 training arms x 3 seeds (the VAE, 6 DiT runs, 6 benchmark passes) runs alone in
+about 30 minutes (cond_masks: 29.0 min measured with a cache per run; with the shared cache
+about 6 + 26.5 min, partly on a loaded machine: docs/RESULTS.md). Arms that share it and their training settings share runs (sorajax/experiments.py)."""
 
 from sorajax.experiments import Experiment
 

@@ -18,6 +18,6 @@ def get_experiment(arg: str = ""):
         arg, name="cond_masks",
         question="Text-to-video adherence with the toy's conditioning masks (30% of clips) vs none.",
         arms={"masks (toy default)": Arm(), "no masks": Arm(train=NO_MASKS)},
-        budget="the world data and VAE (5.6 min), one latent cache (0.5 min), 6 DiT runs (3.4 min each; "
-               "3 shared with sample_shift), scoring in seconds: ~26.5 min alone on 2 CPU cores "
-               "(29.0 min measured 2026-12-02 when each run built its own latent cache)")
+        budget="the world data and VAE (~6 min), one latent cache (0.5-1 min), 6 DiT runs (3.4-4 min "
+               "each; 3 shared with sample_shift), scoring in seconds: ~29-32 min alone on 2 CPU cores "
+               "(docs/RESULTS.md)")

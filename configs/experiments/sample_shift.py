@@ -14,5 +14,5 @@ def get_experiment(arg: str = ""):
         arg, name="sample_shift",
         question="Sampling time shift 1 (uniform) vs 3 (more steps at high noise), same trained runs.",
         arms={"shift 1": Arm(sample=dict(shift=1.0)), "shift 3": Arm(sample=dict(shift=3.0))},
-        budget="the world data and VAE (5.6 min), one latent cache (0.5 min), 3 DiT runs (3.4 min "
-               "each), 6 scoring passes: ~16.5 min alone on 2 CPU cores")
+        budget="the world data and VAE (~6 min), one latent cache (0.5-1 min), 3 DiT runs (3.4-4 min "
+               "each), 6 scoring passes: ~17-19 min alone on 2 CPU cores")
