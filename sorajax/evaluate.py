@@ -64,7 +64,16 @@ def score_clips(clips: Sequence, specs: Sequence[dict[str, Any]]) -> dict[str, A
     videos = [analyze_clip(c, s) for c, s in zip(clips, specs)]
     if not videos:
         raise ValueError("no clips to score")
+    metrics, perm_clips = summarize_videos(videos)
+    for v in videos:
+        v["passed"] = bool(v["prompt_ok"] and v["persistence_ok"] and v["temporal_ok"]
+                           and v["permanence_ok"] is not False)
+    return {"metrics": metrics, "videos": videos, "permanence_clips": perm_clips}
 
+
+def summarize_videos(videos: Sequence[dict[str, Any]]) -> tuple[dict[str, float], int]:
+    """Analyzed clips (analyze_clip's dicts) -> (score_clips' metrics over them, how many clips
+    had an object cross behind the wall)."""
     def mean(vals):
         vals = [float(v) for v in vals]
         return float(np.mean(vals)) if vals else 0.0
@@ -76,10 +85,7 @@ def score_clips(clips: Sequence, specs: Sequence[dict[str, Any]]) -> dict[str, A
     cos = [(1.0 + o["direction_cosine"]) / 2 for v in videos for o in v["objects"]
            if o.get("direction_cosine") is not None]
     metrics["direction_cosine"] = mean(cos)
-    for v in videos:
-        v["passed"] = bool(v["prompt_ok"] and v["persistence_ok"] and v["temporal_ok"]
-                           and v["permanence_ok"] is not False)
-    return {"metrics": metrics, "videos": videos, "permanence_clips": len(perm)}
+    return metrics, len(perm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +161,7 @@ def run_benchmark(generate: Generate, *, seed: int = 0, seeds: int = 1, batch_si
         if holdout:
             for g, idx in groups.items():
                 if idx:
-                    per_group[g].append(score_clips([clips[i] for i in idx], [plist[i].spec for i in idx])["metrics"])
+                    per_group[g].append(summarize_videos([rep["videos"][i] for i in idx])[0])
         for v, h in zip(rep["videos"], held):
             v["heldout"] = h
         videos.extend(rep["videos"])

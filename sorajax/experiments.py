@@ -114,9 +114,14 @@ def _run_key(exp: Experiment, arm: Arm, seed: int) -> str:
     return f"s{seed}-{_digest(exp.base, list(exp.overrides), list(arm.train), seed)}"
 
 
+def _vae_dir(exp: Experiment, arm: Arm, root: str) -> str:
+    """The run folder of the experiment's frozen VAE for `arm` (absolute: runs link into it)."""
+    return os.path.abspath(os.path.join(root, "vae", _vae_key(exp, arm)))
+
+
 def ensure_vae(exp: Experiment, arm: Arm, root: str) -> str:
     """The experiment's frozen VAE for `arm` (trained once, seed 0): its run folder."""
-    d = os.path.join(root, "vae", _vae_key(exp, arm))
+    d = _vae_dir(exp, arm, root)
     cfg = train_config(exp, arm, 0)
     with cfg.unlocked():
         cfg.stages = ("vae",)
@@ -131,7 +136,7 @@ def ensure_run(exp: Experiment, arm: Arm, seed: int, root: str) -> str:
     latent cache of that VAE (built by the first run that needs it, normalisation statistics
     included): the VAE's encode of the training clips runs once per experiment, not per run."""
     d = os.path.join(root, "runs", _run_key(exp, arm, seed))
-    vae_root = os.path.abspath(os.path.join(root, "vae", _vae_key(exp, arm)))  # links from d
+    vae_root = _vae_dir(exp, arm, root)
     if not os.path.islink(os.path.join(d, "vae")):  # (linked once the VAE is trained)
         ensure_vae(exp, arm, root)
     os.makedirs(d, exist_ok=True)
