@@ -61,6 +61,7 @@ def run_demo(config_spec: str, workdir: str, samples_dir: str, overrides=()) -> 
                                                      ("color_adherence", "shape_adherence", "prompt_adherence")))
     v = report["vae"]
     print(f"  VAE:          PSNR {v['psnr']:.2f} dB (by frame {v['psnr_by_frame']}), SSIM {v['ssim']:.3f}")
+    print(f"  VAE ceiling:  {evaluate.ceiling_line(v['ceiling'])}  (the benchmark on its round trip)")
     print(f"  modes eval:   {os.path.abspath(modes_path)}  (contact sheets in {os.path.abspath(samples_dir)}/modes/)")
     print("  modes:        " + ", ".join(f"{k}={v:.3f}" for k, v in modes_report["metrics"].items()
                                        if v is not None and not k.endswith("_adherence")))

@@ -125,6 +125,9 @@ def test_evaluate_cli_on_trained_run(run_dir, tmp_path):
     assert len(vae["psnr_by_frame"]) == 9 and len(vae["ssim_by_frame"]) == 9 and vae["clips"] == 24
     assert 5 < vae["psnr"] < 60 and -1 <= vae["ssim"] <= 1
     assert abs(vae["first_frame_psnr_gap_db"] - (np.mean(vae["psnr_by_frame"][1:]) - vae["psnr_by_frame"][0])) < 0.02
+    assert set(vae["ceiling"]) == set(rep["metrics"]) - {"heldout_color_adherence", "seen_color_adherence"}
+    assert all(0.0 <= v <= 1.0 for v in vae["ceiling"].values())
+    assert "VAE ceiling" in r.stdout
     assert len(rep["videos"]) >= 24
 
 
