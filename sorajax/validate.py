@@ -189,9 +189,7 @@ def validate(config, data: bool = True) -> None:
           "cache); add --config.data.source=folder (or latents), or drop data.dir for the world")
     if d.source == "world":  # the world's own settings (objects, holdout pairs, ...)
         try:
-            world_lib.WorldConfig(min_objects=d.min_objects, max_objects=d.max_objects,
-                                  occluder_prob=d.occluder_prob, two_tone_prob=d.two_tone_prob,
-                                  holdout=tuple(d.holdout))
+            world_lib.WorldConfig(**{k: d[k] for k in world_lib.CONFIG_FIELDS}, holdout=tuple(d.holdout))
         except (ValueError, TypeError) as e:
             raise UserError(f"config data: {e}") from None
     _need(d.source != "latents" or "vae" not in stages, "stages", stages,

@@ -220,9 +220,7 @@ def world_kwargs(data_cfg) -> dict[str, Any]:
     """build_world/load_source keyword arguments from a config's `data` section."""
     d = data_cfg
     kw = dict(frames=d.frames, height=d.height, width=d.width, num_train=d.num_train,
-              num_eval=d.num_eval, seed=d.seed, min_objects=d.min_objects,
-              max_objects=d.max_objects, occluder_prob=d.occluder_prob,
-              two_tone_prob=d.two_tone_prob)
+              num_eval=d.num_eval, seed=d.seed, **{k: d[k] for k in world_lib.CONFIG_FIELDS})
     if d.holdout:
         kw["holdout"] = tuple(str(x) for x in d.holdout)
     native = shapes.native_settings(d)

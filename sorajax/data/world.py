@@ -69,6 +69,11 @@ MOTIONS: dict[str, tuple[float, float]] = {
 SHAPE_AREA = {"circle": float(np.pi), "square": 4 * 0.9**2, "triangle": 2.0}
 
 
+# WorldConfig fields that a sorajax config's `data` section sets under the same names (besides
+# the clip shape and `holdout`): builders.world_kwargs and validate read exactly these.
+CONFIG_FIELDS = ("min_objects", "max_objects", "occluder_prob", "two_tone_prob")
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     """Shape and distribution of world clips. Speeds and sizes scale with min(height, width)."""
