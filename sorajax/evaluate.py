@@ -224,7 +224,7 @@ def vae_reconstruction(pipe, *, prompts: str = "test", batch_size: int = 12) -> 
     psnr, ssim, n, recons = 0.0, 0.0, 0, []
     for i in range(0, len(caps), batch_size):
         x = gt(caps[i:i + batch_size], 0)
-        r = np.clip(np.asarray(pipe.reconstruct(x), np.float32), 0.0, 1.0)
+        r = pipe.reconstruct(x)  # (decode clips to [0, 1])
         recons.extend(r)
         p_, s_ = psnr_ssim(x, r)
         psnr, ssim, n = psnr + p_ * len(x), ssim + s_ * len(x), n + len(x)
@@ -330,7 +330,10 @@ def parse_args(argv):
                     "the frames (docs/EVALUATION.md), writes a JSON report with "
                     "'metrics' (floats in [0, 1]) and per-video details. A run trained with "
                     "data.holdout (held-out colour-shape pairs) also gets the prompts using them "
-                    "scored apart: metrics_heldout / metrics_seen, heldout_color_adherence.")
+                    "scored apart: metrics_heldout / metrics_seen, heldout_color_adherence. With "
+                    "--workdir the report also has 'vae': the run's VAE round trip of the prompts' "
+                    "ground truth (PSNR/SSIM per frame) and its 'ceiling', the benchmark on that "
+                    "round trip -- the most a DiT sampling through this VAE can score.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir of the model to sample from")
     src.add_argument("--ground-truth", action="store_true",

@@ -127,6 +127,9 @@ def test_evaluate_cli_on_trained_run(run_dir, tmp_path):
     assert abs(vae["first_frame_psnr_gap_db"] - (np.mean(vae["psnr_by_frame"][1:]) - vae["psnr_by_frame"][0])) < 0.02
     assert set(vae["ceiling"]) == set(rep["metrics"]) - {"heldout_color_adherence", "seen_color_adherence"}
     assert all(0.0 <= v <= 1.0 for v in vae["ceiling"].values())
+    # Scored on the round trip, not the truth (which scores 1.0 on colour and shape): a VAE
+    # trained for 6 steps cannot give back the prompts' colours and shapes.
+    assert vae["ceiling"]["color_adherence"] < 0.9 and vae["ceiling"]["shape_adherence"] < 0.9
     assert "VAE ceiling" in r.stdout
     assert len(rep["videos"]) >= 24
 
