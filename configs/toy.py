@@ -39,12 +39,13 @@ def get_config(arg: str = ""):
     c.data.holdout = ("yellow circle", "magenta square", "red triangle")
     # A wider VAE (base_dim 16: 16-32-32 channels instead of the toy variant's 8-16-16). The world
     # benchmark on the VAE's own round trip of the 48 test prompts' ground truth (its "ceiling",
-    # `python -m sorajax.evaluate --workdir RUN`) showed that the 8-wide VAE, not the DiT, lost
-    # the colours: ceiling colour 0.50 -> 0.90, size 0.73 -> 0.96, background 0.60 -> 1.00, PSNR
-    # 19.8 -> 21.5 dB; the demo model's colour 0.19 -> 0.31 (training seed 0, one sampling seed,
-    # 2026-12-02). The VAE stage takes about twice as long (~4 -> ~7.5 min on a 2-core Intel
-    # machine); 500 steps, or batch 4, or 5-frame training clips at this width all scored below
-    # the 8-wide VAE's 800 steps (README "Why the wider VAE").
+    # `python -m sorajax.evaluate --workdir RUN`) showed that the 8-wide VAE, not only the DiT,
+    # lost the colours: ceiling colour 0.50 -> 0.90, size 0.73 -> 0.96, background 0.60 -> 1.00,
+    # PSNR 19.8 -> 21.5 dB (training seed 0's VAE); the demo model's colour over 3 sampling seeds
+    # 0.194 +- 0.007 / 0.250 +- 0.012 -> 0.354 +- 0.032 / 0.549 +- 0.018 (training seeds 0 / 1,
+    # 2026-12-02). The VAE stage takes about twice as long (~4.4 -> 8.0 min on a 2-core Intel
+    # machine); at this width 500 steps or batch 4 scored below it (ceiling colour 0.56, 0.40),
+    # and 5-frame training clips broke frames 5-8 (README "Why the wider VAE").
     c.vae.overrides.base_dim = 16
     c.vae_train.clip_frames = 9
     c.dit_train.clip_frames = 9
