@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E402 (repo root)
-from sorajax import cli, conditioning, fileio, inference  # noqa: E402
+from sorajax import cli, conditioning, fileio, flow, inference  # noqa: E402
 from sorajax import latents as latent_lib  # noqa: E402
 from sorajax.data import world as world_lib  # noqa: E402
 from sorajax.errors import UserError  # noqa: E402
@@ -51,7 +51,7 @@ def swap_direction(caption: str) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " (see the module docstring).")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a trained run with its latent cache (RUN/latents)")
     p.add_argument("--clips", type=int, default=48, help="single-object moving training clips to probe")
     p.add_argument("--sigmas", default="0.5,0.8,0.95", help="comma-separated noise levels in (0, 1]")
@@ -102,12 +102,12 @@ def probe(workdir: str, clips: int = 48, sigmas=(0.5, 0.8, 0.95), seed: int = 0)
             ids, mask = pipe.encode_prompts(cs)
             kv = model.text_kv(model.encode_text(ids, mask))
             for s in sigmas:
-                xt = (1 - s) * x0 + s * noise
-                xt = jnp.where(given[:, :, None, None, None], x0, xt)
+                s_frame = jnp.where(given, 0.0, s).astype(x0.dtype)  # (B, t): given frames at level 0
+                xt = flow.add_noise(x0, noise, s_frame)
                 sig = conditioning.token_levels(jnp.full((b,), s, x0.dtype), given, per_frame)
                 v = model.velocity(xt, sig, None, text_kv=kv, start=start)
-                s_frame = jnp.where(given, 0.0, s)[:, :, None, None, None]  # given frames: level 0
-                err = np.asarray(((xt - s_frame * v - x0) ** 2).mean(axis=(0, 2, 3, 4)))
+                x0_hat = xt - s_frame[:, :, None, None, None] * v  # x_sigma = x0 + sigma * v
+                err = np.asarray(((x0_hat - x0) ** 2).mean(axis=(0, 2, 3, 4)))
                 rows.append(dict(setting=setting, caption=name, sigma=float(s),
                                  x0_mse_by_frame=[round(float(e), 4) for e in err]))
     return {"workdir": os.path.abspath(workdir), "clips": b, "rows": rows}

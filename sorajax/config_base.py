@@ -148,8 +148,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 25  # denoising steps
     # Chosen on the validation prompts (`python -m sorajax.evaluate --prompts validation --seeds 2
-    # --guidance G`, the demo's DiT of training seed 0): colour first, the mean of the 7 adherence
-    # metrics to break ties. Colour 0.52 / 0.50 / 0.54 / 0.50 / 0.44 / 0.46 / 0.48 and mean 0.30 /
+    # --guidance G`, the demo's DiT of training seed 0: one training run, 2 sampling seeds,
+    # standard errors 0.00-0.08): colour first, the mean of the 7 adherence metrics to break ties. Colour 0.52 / 0.50 / 0.54 / 0.50 / 0.44 / 0.46 / 0.48 and mean 0.30 /
     # 0.32 / 0.32 / 0.28 / 0.25 / 0.25 / 0.23 at guidance 1 / 1.5 / 2 / 3 / 4 / 6 / 8: higher
     # guidance overshoots the latents' scale (std 1.6 vs 0.9 at 8), and the first frame and the
     # background break up (background 0.71 at 2, 0.19 at 8). Re-choose it for another model.
