@@ -282,16 +282,17 @@ def load_tokenizer(path: str) -> tok_lib.Tokenizer:
         raise UserError(f"tokenizer {path!r} cannot be loaded: {e}") from None
 
 
-def conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, patch_size, start=None):
+def conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, patch_size, start=None, weight=1.0):
     """The flow loss of clips (B, t, h, w, z) whose latent frames `fmask` (B, t) are given: those
     are the model's input as they are (clean, per-token noise level 0), the others are noised to
-    `sigma` (B,); the velocity error is averaged over the generated frames only."""
+    `sigma` (B,); the velocity error is averaged over the generated frames only (with `weight`,
+    e.g. flow.motion_weight, a weighted mean)."""
     _, ph, pw = patch_size
     fm = fmask[:, :, None, None, None]
     xt = jnp.where(fm, x0, flow.add_noise(x0, noise, sigma))
     per_frame = (x0.shape[2] // ph) * (x0.shape[3] // pw)
     v = model.velocity(xt, conditioning.token_levels(sigma, fmask, per_frame), ctx, start=start)
-    return flow.flow_loss(v, flow.velocity_target(x0, noise), (~fm).astype(jnp.float32))
+    return flow.flow_loss(v, flow.velocity_target(x0, noise), (~fm).astype(jnp.float32) * weight)
 
 
 class DiTStage(Stage):
@@ -452,13 +453,16 @@ class DiTStage(Stage):
                                    shift=f.shift)
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
         xt = flow.add_noise(x0, noise, sigma)
+        mw = float(self.tcfg.motion_weight)
+        weight = flow.motion_weight(x0, mw) if mw else None
         if not conditioning.enabled(self.tcfg):
             v = model.velocity(xt, sigma, ctx, start=start)
-            return flow.flow_loss(v, flow.velocity_target(x0, noise)), {}
+            return flow.flow_loss(v, flow.velocity_target(x0, noise), weight), {}
         # Conditioning masks (dit_train.cond_rates): the given latent frames stay clean at noise
         # level 0 (per-token timesteps) and the loss covers only the generated frames.
         fmask = conditioning.sample_masks(jax.random.fold_in(key, 1), b, x0.shape[1], conditioning.rates(self.tcfg))
-        loss = conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, self.cfgs[1].patch_size, start)
+        loss = conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, self.cfgs[1].patch_size, start,
+                                     1.0 if weight is None else weight)
         return loss, {"cond_frac": jnp.mean(fmask.astype(jnp.float32))}
 
     def _window(self, x0, key):

@@ -111,6 +111,8 @@ def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
     else:
         _need(is_num(t.text_dropout) and 0 <= t.text_dropout <= 1, f"{name}.text_dropout",
               t.text_dropout, "must be in [0, 1]")
+        _need(is_num(t.motion_weight) and t.motion_weight >= 0, f"{name}.motion_weight", t.motion_weight,
+              "must be a number >= 0")
         _need(is_int(t.eval_every) and t.eval_every >= 0, f"{name}.eval_every", t.eval_every,
               "must be an integer >= 0 (0 = no in-training evaluation)")
         n_val = len(world_lib.VALIDATION_PROMPTS)
@@ -142,6 +144,11 @@ def _validate_stage(config, stage: str, rt: int, num_train: int) -> None:
                   "needs precomputed latents: set vae.precompute_latents=True or data.source='latents'")
             _need(not t.clip_frames, f"{name}.clip_frames", t.clip_frames,
                   f"packing={t.packing!r} trains on whole clips (data.durations sets their lengths): set it to 0")
+            _need(not t.motion_weight, f"{name}.motion_weight", t.motion_weight,
+                  f"weighs one clip's latents per row; packing={t.packing!r} does not: set it to 0")
+            _need(not video.model_configs(config)[1].text_pool, "dit.overrides.text_pool", True,
+                  f"pools one caption per row, and packing={t.packing!r} puts several clips in a row: "
+                  "turn one of them off")
         else:
             _need(shapes.native_settings(d) is None, "data.aspect_ratios", tuple(d.aspect_ratios),
                   f"clips of different shapes train packed: set {name}.packing='pack' or 'bucket' "

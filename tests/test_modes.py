@@ -182,6 +182,39 @@ def test_step_cache_skips_blocks_and_is_off_at_zero(tiny):
         assert runs == sorted(runs, reverse=True) and any(1 < r < calls for r in runs), (solver, runs)
 
 
+def test_pooled_caption_reaches_every_velocity_path():
+    """DiTConfig.text_pool: the pooled caption enters the modulation on every path the trainer
+    and sampler take -- context, text_kv computed once, the step cache, the sampler -- with the
+    same velocity; it changes the output (the projection is wired in); padding does not move it."""
+    from sorajax.models import layers
+
+    graphdef, state, dit_cfg = tiny_text_dit(text_pool=True)
+    model = nnx.merge(graphdef, state)
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(2, 64, (2, 6)), jnp.int32)
+    mask = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2], jnp.int32)  # row 1 padded
+    x = jnp.asarray(rng.standard_normal((2, 3, 4, 4, dit_cfg.in_channels)), jnp.float32)
+    sigma = jnp.asarray([0.4, 0.9], jnp.float32)
+    ctx = model.encode_text(ids, mask)
+    kv = model.text_kv(ctx)
+    v = np.asarray(model.velocity(x, sigma, ctx))
+    np.testing.assert_allclose(np.asarray(model.velocity(x, sigma, None, text_kv=kv)), v, rtol=1e-5, atol=1e-5)
+    v_cached, _ = model.velocity_cached(x, sigma, kv, model.init_step_cache(2, x.shape[1:]), 1e-12)
+    np.testing.assert_allclose(np.asarray(v_cached), v, rtol=1e-5, atol=1e-5)
+    padded = jnp.concatenate([ctx, jnp.zeros_like(ctx)], axis=1)
+    np.testing.assert_allclose(np.asarray(layers.pooled_text(padded)), np.asarray(layers.pooled_text(ctx)),
+                               atol=1e-7)
+    other = nnx.merge(graphdef, state)
+    other.dit.text_pool_proj.kernel[...] = jnp.zeros_like(other.dit.text_pool_proj.kernel[...])
+    assert np.abs(np.asarray(other.velocity(x, sigma, ctx)) - v).max() > 1e-3
+    kw = dict(steps=4, shift=2.0, guidance=3.0, solver="euler", decode=False)
+    off, _ = sampler.sample(graphdef, state, x, ids, mask, ids, mask, **kw)
+    cached, _ = sampler.sample(graphdef, state, x, ids, mask, ids, mask, step_cache=1e-12, **kw)
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(off))
+    with pytest.raises(ValueError, match="packed rows hold several clips"):
+        model.dit.forward_packed(None, None, None, None, None, None)
+
+
 def test_training_windows_come_from_the_clip_and_flag_its_start():
     """dit_train.clip_frames: 9-frame windows (3 latent frames) of 17-frame clips (5): each is
     the clip's latents at some offset, every offset occurs, and `start` is True exactly at 0.
@@ -209,3 +242,42 @@ def test_training_windows_come_from_the_clip_and_flag_its_start():
     ctx = jax.random.normal(jax.random.key(3), (2, 5, dcfg.text_dim))
     on, off = (np.asarray(model(x, jnp.full((2,), 500.0), ctx, start=jnp.asarray([s, s]))) for s in (True, False))
     assert np.abs(on - off).max() > 1e-3
+
+
+def test_motion_weight_weighs_moving_positions_and_reaches_the_dit_loss(tiny):
+    """dit_train.motion_weight: flow.motion_weight is 1 on a still clip and > 1 exactly where an
+    object moves (mean 1 + strength per clip); the DiT stage's loss uses it on both of its paths
+    (plain text-to-video and conditioning masks): it changes the loss of a moving clip and not
+    that of a still one."""
+    from sorajax import tokenizer as tok_lib
+    from tests.helpers import FIXTURES
+
+    graphdef, state, dit_cfg, _, _ = tiny
+    c = dit_cfg.in_channels
+    moving = np.zeros((2, 3, 4, 4, c), np.float32)
+    for t in range(3):
+        moving[:, t, 1, t] = 2.0  # a blob one position to the right per latent frame
+    still = np.broadcast_to(moving[:, :1], moving.shape).copy()
+    np.testing.assert_array_equal(np.asarray(flow.motion_weight(still, 3.0)), 1.0)
+    w = np.asarray(flow.motion_weight(moving, 3.0))[..., 0]
+    assert w.shape == (2, 3, 4, 4) and abs(w.mean() - 4.0) < 1e-5
+    assert (w[:, 1, 1, :2] > 2).all() and (w[:, 2, 1, 1:3] > 2).all()  # where it left and arrived
+    assert (w[:, :, 3] == 1).all() and (w[:, :, :, 3] == 1).all()  # nothing moves there
+
+    model = nnx.merge(graphdef, state)
+    tok = tok_lib.Tokenizer.load(str(FIXTURES / "umt5_tiny" / "tokenizer"))
+    for rates in ({}, dict(first=0.5)):  # the plain path, then the conditioned one
+        losses = {}
+        for mw in (0.0, 3.0):
+            cfg = toy_config()
+            with cfg.unlocked():
+                cfg.dit_train.motion_weight = mw
+                cfg.dit_train.cond_rates.update(first=0.0, first_k=0.0, last_k=0.0, first_last=0.0, keyframes=0.0)
+                cfg.dit_train.cond_rates.update(rates)
+            stage = stages.DiTStage(cfg, "/nonexistent", tok)
+            ids = jnp.asarray(np.random.default_rng(2).integers(2, 64, (2, cfg.text.max_length)), jnp.int32)
+            for name, x in (("moving", moving), ("still", still)):
+                batch = dict(latents=jnp.asarray(x), ids=ids, mask=jnp.ones_like(ids))
+                losses[name, mw] = float(stage.loss(model, batch, jax.random.key(4))[0])
+        np.testing.assert_allclose(losses["still", 3.0], losses["still", 0.0], rtol=1e-5)
+        assert abs(losses["moving", 3.0] - losses["moving", 0.0]) > 1e-3 * losses["moving", 0.0], (rates, losses)

@@ -25,7 +25,7 @@ from sorajax import sharding
 from sorajax.errors import UserError, WeightsMismatch
 from sorajax.models.attention import dot_product_attention, self_attention
 from sorajax.models.layers import (F32, AffineLayerNorm, TorchRMSNorm, assign, count_params, dense,
-                                   layer_norm, read_config)
+                                   layer_norm, pooled_text, read_config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,6 +61,10 @@ class DiTConfig:
     # can tell text/image-to-video windows from windows cut mid-clip (extension, long videos;
     # sorajax/modes.py). Not in Wan 2.1 (off: its weights import unchanged).
     start_embedding: bool = False
+    # The caption's mean embedding projected into the timestep embedding (adaLN of every block),
+    # beside cross-attention. Not in Wan 2.1; not for packed rows; on the toy world it scored
+    # below cross-attention alone (README, "Why the DiT plateaus"), so it is off everywhere.
+    text_pool: bool = False
 
     @property
     def dim(self) -> int:
@@ -326,6 +330,8 @@ class WanDiT(nnx.Module):
                                            out_sharding=(None, "modulation", "embed"))
         if cfg.start_embedding:
             self.start_embedding = nnx.Param(jnp.zeros((d,), jnp.dtype(cfg.param_dtype)), out_sharding=("embed",))
+        if cfg.text_pool:  # f32 like the time MLP it adds to
+            self.text_pool_proj = dense(cfg.text_dim, d, (None, "embed"), cfg, rngs, dtype=F32)
 
     def text_kv(self, context):
         """Every block's cross-attention keys and values of `context` (B, L, text_dim), stacked
@@ -335,7 +341,14 @@ class WanDiT(nnx.Module):
         ctx = self.text_embedder_1(context.astype(dt))
         ctx = self.text_embedder_2(jax.nn.gelu(ctx, approximate=True))  # (B, L, D)
         kvs = [b.attn2.project_kv(ctx) for b in self.blocks]
-        return tuple(jnp.stack(a) for a in zip(*kvs))
+        kv = tuple(jnp.stack(a) for a in zip(*kvs))  # cfg.text_pool: + the pooled caption
+        return kv + (pooled_text(context),) if self.cfg.text_pool else kv
+
+    def pooled(self, context, text_kv=None):
+        """cfg.text_pool's pooled caption (B, text_dim) from the context or text_kv, else None."""
+        if not self.cfg.text_pool:
+            return None
+        return pooled_text(context) if text_kv is None else text_kv[2]
 
     def __call__(self, x, t, context, positions=None, text_kv=None, start=None):
         """x (B, F, H, W, Cin); t (B,) or (B, N) in [0, 1000]; context (B, L, text_dim), or None
@@ -343,10 +356,10 @@ class WanDiT(nnx.Module):
         (B, N, 3) int (t, h, w) per token, default the regular grid; start: optional (B,) bool,
         the window begins at its clip's first latent frame (cfg.start_embedding; default True).
         Returns the velocity (B, F, H, W, Cout) in `cfg.dtype`."""
-        hid, e = self.embed(x, t, positions, start)
+        hid, e = self.embed(x, t, positions, start, self.pooled(context, text_kv))
         return self.head(self.run(hid, e, context, text_kv), e)
 
-    def embed(self, x, t, positions=None, start=None):
+    def embed(self, x, t, positions=None, start=None, pooled=None):
         """The input side: patch tokens (B, N, D) and what the blocks and the head need (the
         timestep modulation, RoPE tables, the shape) -- so that a step cache can skip the blocks
         (sampler.py) and still run the head."""
@@ -366,10 +379,11 @@ class WanDiT(nnx.Module):
             positions = grid_positions(f, h, w)[None]  # (1, N, 3): broadcasts over the batch
         elif positions.shape[-2:] != (n, 3):
             raise ValueError(f"positions {positions.shape} must be (B, {n}, 3)")
-        hid, e = self.embed_tokens(patchify(x, cfg.patch_size), t, positions, start_tokens)
+        hid, e = self.embed_tokens(patchify(x, cfg.patch_size), t, positions, start_tokens, pooled=pooled)
         return hid, dict(e, shape=(f, h, w))
 
-    def embed_tokens(self, tok, t, positions, start_tokens=None, segment_ids=None, text_segment_ids=None):
+    def embed_tokens(self, tok, t, positions, start_tokens=None, segment_ids=None, text_segment_ids=None,
+                     pooled=None):
         """embed() on patch vectors (B, N, pt*ph*pw*Cin) at `positions` (B|1, N, 3), with t (B,)
         or (B, N); `start_tokens` (B, N) bool marks the tokens that get the start embedding;
         `segment_ids` (B, N) / `text_segment_ids` (B, L): packed clips (forward_packed).
@@ -399,6 +413,8 @@ class WanDiT(nnx.Module):
             raise ValueError(f"timesteps {t.shape} must be (B,) or (B, {n})")
         temb = timestep_embedding(t, cfg.freq_dim)  # (B, S, freq)
         temb = self.time_embedder_2(jax.nn.silu(self.time_embedder_1(temb)))  # (B, S, D) f32
+        if cfg.text_pool:  # pooled: WanDiT.pooled, required
+            temb = temb + self.text_pool_proj(pooled.astype(F32))[:, None, :]
         mod = self.time_proj(jax.nn.silu(temb.astype(dt)))  # (B, S, 6D)
         mod = mod.astype(F32).reshape(*mod.shape[:2], 6, d)  # (B, S, 6, D)
         segments = None
@@ -415,6 +431,8 @@ class WanDiT(nnx.Module):
         (or text_kv) with text_segment_ids (B, L) naming the clip each text token belongs to.
         Each clip's tokens attend only to its own tokens and caption, so a packed row gives the
         same velocity as its clips one by one. -> (B, N, p*Cout) patch vectors."""
+        if self.cfg.text_pool:
+            raise ValueError("DiTConfig.text_pool pools one caption per row: packed rows hold several clips")
         hid, e = self.embed_tokens(tok, t, positions, start_tokens, segment_ids, text_segment_ids)
         return self.head_tokens(self.run(hid, e, context, text_kv), e)
 
@@ -425,7 +443,7 @@ class WanDiT(nnx.Module):
             ctx = self.text_embedder_1(context.astype(dt))
             ctx = self.text_embedder_2(jax.nn.gelu(ctx, approximate=True))  # (B, L, D)
         else:
-            ctx = None
+            ctx, text_kv = None, tuple(text_kv[:2])  # (k, v); a third entry is the pooled caption
         mod = e["mod"] if e.get("level") is None else (e["mod"], e["level"])
         return run_blocks(list(self.blocks), hid, ctx, mod, e["cos"], e["sin"], self.cfg, text_kv,
                           e["segments"])

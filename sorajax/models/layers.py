@@ -65,6 +65,14 @@ def dense(din: int, dout: int, names, cfg, rngs: nnx.Rngs, *, dtype=None) -> Den
         rngs=rngs)
 
 
+def pooled_text(context):
+    """Mean over a caption's non-padded tokens (encode_text zeroes the padded ones) of a context
+    (B, L, D) -> (B, D) f32; an all-padding row pools to zeros."""
+    c = context.astype(F32)
+    keep = jnp.any(c != 0, axis=-1, keepdims=True).astype(F32)  # (B, L, 1)
+    return jnp.sum(c * keep, axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1.0)
+
+
 def count_params(model) -> int:
     """Number of parameters; works on abstract models from nnx.eval_shape (no allocation)."""
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -112,7 +112,7 @@ class VideoModel(nnx.Module):
         (probe, residual, accumulated change, calls, block runs) from init_step_cache; returns
         (v, cache). Deterministic; the skip is a lax.cond, so skipped blocks cost nothing."""
         d = self.dit
-        hid, e = d.embed(latents, timesteps(sigma), start=start)
+        hid, e = d.embed(latents, timesteps(sigma), start=start, pooled=d.pooled(None, text_kv))
         probe = d.probe(hid, e)
         prev, res, acc, calls, runs = cache
         rel = jnp.mean(jnp.abs(probe - prev)) / (jnp.mean(jnp.abs(prev)) + 1e-8)
