@@ -27,7 +27,8 @@ def get_config(arg: str = ""):
     c.dit_train.update(clip_frames=0, packing="pack", pack_tokens=192, pack_clips=8, batch_size=8)
     if arg == "runlocal":
         c.data.update(num_train=48, num_eval=8, aspect_ratios=(1.0, 1.5), durations=(9,), image_share=0.25)
-        c.vae_train.update(steps=4, batch_size=8, log_every=2, ckpt_every=4)
+        # the VAE on the first 5 frames of its crops: the first chunk and one cached chunk, as 9 frames
+        c.vae_train.update(steps=4, batch_size=8, log_every=2, ckpt_every=4, clip_frames=5)
         c.dit_train.update(steps=6, batch_size=4, pack_tokens=0, log_every=2, ckpt_every=3)
         c.sample.steps = 3
     elif arg:
