@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
         c.data.update(frames=9, height=32, width=32)
         c.text.vocab_size = 192
         c.text.max_length = 24
-        # the VAE on 5-frame crops: its first chunk and one cached chunk, as 17 frames (compiles faster)
+        # the VAE on 5-frame crops: its first chunk and one cached chunk, as 9 frames (compiles faster)
         c.vae_train.update(steps=2, batch_size=8, log_every=1, ckpt_every=2, clip_frames=5)
         c.dit_train.update(steps=2, batch_size=8, log_every=1, ckpt_every=2)
         c.sample.steps = 2

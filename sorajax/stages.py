@@ -282,7 +282,7 @@ def load_tokenizer(path: str) -> tok_lib.Tokenizer:
         raise UserError(f"tokenizer {path!r} cannot be loaded: {e}") from None
 
 
-def conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, patch_size, start=None, weight=1.0):
+def conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, patch_size, start=None, weight=None):
     """The flow loss of clips (B, t, h, w, z) whose latent frames `fmask` (B, t) are given: those
     are the model's input as they are (clean, per-token noise level 0), the others are noised to
     `sigma` (B,); the velocity error is averaged over the generated frames only (with `weight`,
@@ -292,7 +292,8 @@ def conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, patch_size, start
     xt = jnp.where(fm, x0, flow.add_noise(x0, noise, sigma))
     per_frame = (x0.shape[2] // ph) * (x0.shape[3] // pw)
     v = model.velocity(xt, conditioning.token_levels(sigma, fmask, per_frame), ctx, start=start)
-    return flow.flow_loss(v, flow.velocity_target(x0, noise), (~fm).astype(jnp.float32) * weight)
+    keep = (~fm).astype(jnp.float32)
+    return flow.flow_loss(v, flow.velocity_target(x0, noise), keep if weight is None else keep * weight)
 
 
 class DiTStage(Stage):
@@ -462,7 +463,7 @@ class DiTStage(Stage):
         # level 0 (per-token timesteps) and the loss covers only the generated frames.
         fmask = conditioning.sample_masks(jax.random.fold_in(key, 1), b, x0.shape[1], conditioning.rates(self.tcfg))
         loss = conditioned_flow_loss(model, x0, noise, sigma, fmask, ctx, self.cfgs[1].patch_size, start,
-                                     1.0 if weight is None else weight)
+                                     weight)
         return loss, {"cond_frac": jnp.mean(fmask.astype(jnp.float32))}
 
     def _window(self, x0, key):
