@@ -141,23 +141,31 @@ class Trainer:
             bad = jnp.isin(step + 1, jnp.asarray(inject, jnp.int32))
             grads = jax.tree.map(lambda g: g * jnp.where(bad, jnp.nan, 1.0).astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)
-        updates, new_opt = self.tx.update(grads, state["opt"], state["params"])
-        new_params = optax.apply_updates(state["params"], updates)
         # EMA with warm-up, min(decay, (1 + step) / (10 + step)): a plain 0.999 decay would still
         # hold 22% of the random init after 1500 steps.
         d_max = self.stage.tcfg.ema_decay
         stepf = step.astype(jnp.float32)
         d = jnp.minimum(d_max, (1.0 + stepf) / (10.0 + stepf))
-        new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], new_params)
-        # Guarded numerics: a non-finite loss or gradient skips the update (state unchanged).
+
+        def update(held):
+            params, opt, ema = held
+            updates, new_opt = self.tx.update(grads, opt, params)
+            new_params = optax.apply_updates(params, updates)
+            return new_params, new_opt, jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, new_params)
+
+        # Guarded numerics: a non-finite loss or gradient skips the update (state unchanged). One
+        # lax.cond, not a select per parameter, moment and EMA leaf: the toy train steps compile
+        # ~10% faster on CPU (VAE 12.5-13.1 -> 11.5-11.6 s, DiT 9.2 -> 8.1-8.4 s; two runs each,
+        # 2-core Intel) at the same step time, and the packed 14B plan needs less HBM (SCALING.md).
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_params, new_opt, new_ema = jax.lax.cond(
+            ok, update, lambda held: held, (state["params"], state["opt"], state["ema"]))
         tr = state["train"]
         new_state = {
-            "params": keep(new_params, state["params"]),
+            "params": new_params,
             "frozen": state["frozen"],
-            "opt": keep(new_opt, state["opt"]),
-            "ema": keep(new_ema, state["ema"]),
+            "opt": new_opt,
+            "ema": new_ema,
             "train": {
                 "step": step + 1,
                 "rng": tr["rng"],

@@ -123,6 +123,25 @@ def test_toy_variant_shapes():
     assert out.shape == (2, 3, 8, 8, cfg.out_channels) and out.dtype == jnp.bfloat16
 
 
+def test_zero_init_starts_at_zero_velocity_and_still_learns():
+    """zero_init: time_proj and proj_out start at zero (adaLN-Zero), so the first velocity is 0
+    whatever the input; the gradient still reaches proj_out (training can start), and without
+    the flag the same model's first velocity is not 0."""
+    kw = dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, text_dim=16,
+              in_channels=4, out_channels=4, freq_dim=16)
+    x = jax.random.normal(jax.random.key(0), (2, 2, 4, 4, 4))
+    ctx = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    t = jnp.asarray([300.0, 800.0])
+    model = dit.WanDiT(dit.DiTConfig(**kw, zero_init=True), rngs=nnx.Rngs(0))
+    for layer in (model.time_proj, model.proj_out):
+        assert not np.any(np.asarray(layer.kernel[...])) and not np.any(np.asarray(layer.bias[...]))
+    assert not np.any(np.asarray(model(x, t, ctx)))
+    grads = nnx.grad(lambda m: jnp.sum((m(x, t, ctx) - 1.0) ** 2))(model)
+    assert float(jnp.abs(grads.proj_out.kernel[...]).max()) > 0
+    plain = dit.WanDiT(dit.DiTConfig(**kw), rngs=nnx.Rngs(0))
+    assert float(jnp.abs(plain(x, t, ctx)).max()) > 1e-3
+
+
 @pytest.mark.parametrize("variant", [dict(remat=True), dict(remat="dots"), dict(scan_layers=False),
                                      dict(scan_layers=False, remat="full"), dict(attention="flash")])
 def test_memory_levers_keep_values_and_grads(tiny, variant):

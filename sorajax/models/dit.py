@@ -65,6 +65,11 @@ class DiTConfig:
     # beside cross-attention. Not in Wan 2.1; not for packed rows; on the toy world it scored
     # below cross-attention alone (README, "Why the DiT plateaus"), so it is off everywhere.
     text_pool: bool = False
+    # Training from scratch: the timestep modulation's projection (time_proj) and the output
+    # projection (proj_out) start at zero (DiT's adaLN-Zero; Wan also zero-inits its head), so
+    # every block starts near the identity and the first velocity is 0. Imported weights
+    # overwrite both. On the toy world it did not beat the default init (README), so it is off.
+    zero_init: bool = False
 
     @property
     def dim(self) -> int:
@@ -332,6 +337,10 @@ class WanDiT(nnx.Module):
             self.start_embedding = nnx.Param(jnp.zeros((d,), jnp.dtype(cfg.param_dtype)), out_sharding=("embed",))
         if cfg.text_pool:  # f32 like the time MLP it adds to
             self.text_pool_proj = dense(cfg.text_dim, d, (None, "embed"), cfg, rngs, dtype=F32)
+        if cfg.zero_init:
+            for layer in (self.time_proj, self.proj_out):
+                for prm in (layer.kernel, layer.bias):
+                    prm.value = jnp.zeros_like(prm.value)
 
     def text_kv(self, context):
         """Every block's cross-attention keys and values of `context` (B, L, text_dim), stacked
