@@ -65,10 +65,8 @@ class DiTConfig:
     # beside cross-attention. Not in Wan 2.1; not for packed rows; on the toy world it scored
     # below cross-attention alone (README, "Why the DiT plateaus"), so it is off everywhere.
     text_pool: bool = False
-    # Training from scratch: the timestep modulation's projection (time_proj) and the output
-    # projection (proj_out) start at zero (DiT's adaLN-Zero; Wan also zero-inits its head), so
-    # every block starts near the identity and the first velocity is 0. Imported weights
-    # overwrite both. On the toy world it did not beat the default init (README), so it is off.
+    # time_proj and proj_out start at zero (DiT's adaLN-Zero; imported weights overwrite them).
+    # On the toy world it did not beat the default init (README), so it is off.
     zero_init: bool = False
 
     @property
@@ -338,9 +336,8 @@ class WanDiT(nnx.Module):
         if cfg.text_pool:  # f32 like the time MLP it adds to
             self.text_pool_proj = dense(cfg.text_dim, d, (None, "embed"), cfg, rngs, dtype=F32)
         if cfg.zero_init:
-            for layer in (self.time_proj, self.proj_out):
-                for prm in (layer.kernel, layer.bias):
-                    prm.value = jnp.zeros_like(prm.value)
+            for prm in (self.time_proj.kernel, self.time_proj.bias, self.proj_out.kernel, self.proj_out.bias):
+                prm.value = jnp.zeros_like(prm.value)
 
     def text_kv(self, context):
         """Every block's cross-attention keys and values of `context` (B, L, text_dim), stacked
@@ -493,13 +490,10 @@ def config_from_diffusers(config_json, **overrides) -> DiTConfig:
     if c.get("qk_norm", "rms_norm_across_heads") not in (None, "rms_norm_across_heads"):
         raise UserError(f"unsupported qk_norm {c['qk_norm']!r}")
     kw = dict(
-        patch_size=tuple(c.get("patch_size", (1, 2, 2))),
-        num_attention_heads=c.get("num_attention_heads", 40),
-        attention_head_dim=c.get("attention_head_dim", 128),
-        in_channels=c.get("in_channels", 16),
-        out_channels=c.get("out_channels") or c.get("in_channels", 16),
-        text_dim=c.get("text_dim", 4096), freq_dim=c.get("freq_dim", 256),
-        ffn_dim=c.get("ffn_dim", 13824), num_layers=c.get("num_layers", 40),
+        patch_size=tuple(c.get("patch_size", (1, 2, 2))), num_attention_heads=c.get("num_attention_heads", 40),
+        attention_head_dim=c.get("attention_head_dim", 128), in_channels=c.get("in_channels", 16),
+        out_channels=c.get("out_channels") or c.get("in_channels", 16), text_dim=c.get("text_dim", 4096),
+        freq_dim=c.get("freq_dim", 256), ffn_dim=c.get("ffn_dim", 13824), num_layers=c.get("num_layers", 40),
         cross_attn_norm=bool(c.get("cross_attn_norm", True)),
         # diffusers' WanAttention always builds norm_q/norm_k, whatever qk_norm says.
         qk_norm=True, eps=c.get("eps", 1e-6), rope_max_seq_len=c.get("rope_max_seq_len", 1024))
@@ -517,11 +511,9 @@ def _param_map(model: WanDiT):
 
     m["patch_embedding.weight"] = (model.patch_embedding.kernel, "patch")
     m["patch_embedding.bias"] = (model.patch_embedding.bias, "same")
-    lin("condition_embedder.time_embedder.linear_1", model.time_embedder_1)
-    lin("condition_embedder.time_embedder.linear_2", model.time_embedder_2)
-    lin("condition_embedder.time_proj", model.time_proj)
-    lin("condition_embedder.text_embedder.linear_1", model.text_embedder_1)
-    lin("condition_embedder.text_embedder.linear_2", model.text_embedder_2)
+    for name in ("time_embedder.linear_1", "time_embedder.linear_2", "time_proj", "text_embedder.linear_1",
+                 "text_embedder.linear_2"):
+        lin("condition_embedder." + name, getattr(model, name.replace(".linear", "")))
     for i, blk in enumerate(model.blocks):
         p = f"blocks.{i}."
         for a in ("attn1", "attn2"):
