@@ -335,9 +335,8 @@ class WanDiT(nnx.Module):
             self.start_embedding = nnx.Param(jnp.zeros((d,), jnp.dtype(cfg.param_dtype)), out_sharding=("embed",))
         if cfg.text_pool:  # f32 like the time MLP it adds to
             self.text_pool_proj = dense(cfg.text_dim, d, (None, "embed"), cfg, rngs, dtype=F32)
-        if cfg.zero_init:
-            for prm in (self.time_proj.kernel, self.time_proj.bias, self.proj_out.kernel, self.proj_out.bias):
-                prm.value = jnp.zeros_like(prm.value)
+        for prm in (self.time_proj.kernel, self.time_proj.bias, self.proj_out.kernel, self.proj_out.bias) if cfg.zero_init else ():
+            prm.value = jnp.zeros_like(prm.value)
 
     def text_kv(self, context):
         """Every block's cross-attention keys and values of `context` (B, L, text_dim), stacked
@@ -511,9 +510,10 @@ def _param_map(model: WanDiT):
 
     m["patch_embedding.weight"] = (model.patch_embedding.kernel, "patch")
     m["patch_embedding.bias"] = (model.patch_embedding.bias, "same")
-    for name in ("time_embedder.linear_1", "time_embedder.linear_2", "time_proj", "text_embedder.linear_1",
-                 "text_embedder.linear_2"):
-        lin("condition_embedder." + name, getattr(model, name.replace(".linear", "")))
+    for name, layer in (("time_embedder.linear_1", model.time_embedder_1), ("time_embedder.linear_2", model.time_embedder_2),
+                        ("time_proj", model.time_proj), ("text_embedder.linear_1", model.text_embedder_1),
+                        ("text_embedder.linear_2", model.text_embedder_2)):
+        lin("condition_embedder." + name, layer)
     for i, blk in enumerate(model.blocks):
         p = f"blocks.{i}."
         for a in ("attn1", "attn2"):
