@@ -160,9 +160,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.shift = 1.0  # time shift of the sampling schedule
     c.sample.solver = "euler"  # euler | heun | unipc
     c.sample.negative_prompt = ""  # text of the unconditional branch
-    # > 0: the step cache (TeaCache-style, sorajax/sampler.py): a step reuses the DiT blocks'
-    # last residual while the first block's modulated input changed by less than this
-    # (accumulated relative L1) since the blocks last ran; 0 = off
+    # > 0: the step cache (TeaCache-style, VideoModel.velocity_cached): a step skips the DiT
+    # blocks and extrapolates their residual from the last two runs while the first block's
+    # modulated input changed by less than this (accumulated relative L1) since the blocks
+    # last ran; 0 = off (0.15: 2.3x on the demo model, docs/PERFORMANCE.md)
     c.sample.step_cache = 0.0
 
     # -- mesh (sorajax/sharding.py): devices per axis (-1 = all remaining), DCN sizes for slices.

@@ -44,8 +44,9 @@ def parse_args(argv):
     p.add_argument("--solver", choices=sampler.SOLVERS, help="ODE solver (default: config's)")
     p.add_argument("--shift", type=float, help="flow-matching time shift (default: config's)")
     p.add_argument("--step-cache", type=float,
-                   help="step cache threshold (TeaCache-style reuse of the DiT blocks' residual while "
-                        "their modulated input changes little; 0 = off; default: config's sample.step_cache). "
+                   help="step cache threshold (TeaCache-style: skip the DiT blocks and extrapolate their residual "
+                        "from the last two runs while their modulated input changes little; 0 = off; "
+                        "default: config's sample.step_cache). "
                         "docs/PERFORMANCE.md has its speed-up and its cost on the world metrics")
     p.add_argument("--frames", type=int, help="frame count, 1 + 4k (default: the run's; not with --mode t2i)")
     p.add_argument("--height", type=int, help="height in pixels (default: the run's data.height); any multiple of "

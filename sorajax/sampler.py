@@ -273,7 +273,7 @@ def _compiled(graphdef, solver: str, use_cfg: bool, decode: bool, mesh=None, rul
             vel = lambda x, s, c: _cfg_velocity(model, x, t_of(s), kv, guidance, use_cfg, cond, c, cache_threshold,
                                                 start)
             latents, cache = _SOLVER_FNS[solver](vel, x, sigmas, cache0)  # (B, t, h, w, z)
-            runs = cache[4]
+            runs = cache[-1]
         else:
             vel = lambda x, s: _cfg_velocity(model, x, t_of(s), kv, guidance, use_cfg, cond, start=start)
             latents = _SOLVER_FNS[solver](vel, x, sigmas)  # (B, t, h, w, z)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from sorajax import conditioning, flow, sampler, stages
+from sorajax.models.video import timesteps
 from tests.helpers import tiny_text_dit, toy_config
 
 
@@ -180,6 +181,31 @@ def test_step_cache_skips_blocks_and_is_off_at_zero(tiny):
         again, _, _ = sampler.sample(graphdef, state, noise, ids, mask, ids, mask, step_cache=10.0, **kw)
         np.testing.assert_array_equal(np.asarray(mid), np.asarray(again))
         assert runs == sorted(runs, reverse=True) and any(1 < r < calls for r in runs), (solver, runs)
+
+
+def test_step_cache_extrapolates_the_residual_through_its_last_two_runs(tiny):
+    """A skipped call adds the residual of the last block run extrapolated linearly in the noise
+    level through the last two runs: r1 + (s - s1) (r1 - r2) / (s1 - s2); with one run so far,
+    r1 itself. A call that runs the blocks shifts (r1, s1) into (r2, s2)."""
+    graphdef, state, dit_cfg, ids, mask = tiny
+    model = nnx.merge(graphdef, state)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 3, 4, 4, dit_cfg.in_channels)), jnp.float32)
+    kv = model.text_kv(model.encode_text(ids, mask))
+    d = model.dit
+    hid, e = d.embed(x, timesteps(jnp.full((2,), 0.5)))
+    probe = d.probe(hid, e)
+    r1, r2 = (jnp.asarray(rng.standard_normal(hid.shape), jnp.float32) for _ in range(2))
+    sig = jnp.full((2,), 0.5, jnp.float32)
+    for runs, want in ((2, r1 + (0.5 - 0.6) / (0.6 - 0.8) * (r1 - r2)), (1, r1)):
+        cache = (probe, r1, r2, jnp.float32(0.6), jnp.float32(0.8), jnp.float32(0.0), jnp.int32(3), jnp.int32(runs))
+        v, new = model.velocity_cached(x, sig, kv, cache, 1.0)  # probe unchanged: the call reuses
+        np.testing.assert_allclose(np.asarray(v), np.asarray(d.head(hid + want, e)), rtol=1e-5, atol=1e-5)
+        assert int(new[-1]) == runs and float(new[3]) == pytest.approx(0.6)
+    _, ran = model.velocity_cached(x, sig, kv, cache, 0.0)  # threshold 0: the blocks run
+    assert float(ran[3]) == pytest.approx(0.5) and float(ran[4]) == pytest.approx(0.6)
+    np.testing.assert_array_equal(np.asarray(ran[2]), np.asarray(r1))
+    np.testing.assert_allclose(np.asarray(ran[1]), np.asarray(d.run(hid, e, None, kv) - hid), rtol=1e-5, atol=1e-5)
 
 
 def test_pooled_caption_reaches_every_velocity_path():

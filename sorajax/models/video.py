@@ -106,28 +106,37 @@ class VideoModel(nnx.Module):
                                        text_segment_ids, start_tokens)
 
     def velocity_cached(self, latents, sigma, text_kv, cache, threshold, start=None):
-        """velocity() with a step cache (TeaCache-style): the blocks' residual (output - input)
-        of the last step that ran them is reused while the first block's modulated input has
-        changed by less than `threshold` in accumulated relative L1 since then. `cache` =
-        (probe, residual, accumulated change, calls, block runs) from init_step_cache; returns
-        (v, cache). Deterministic; the skip is a lax.cond, so skipped blocks cost nothing."""
+        """velocity() with a step cache (TeaCache-style): while the first block's modulated input
+        has changed by less than `threshold` in accumulated relative L1 since the blocks last
+        ran, the call skips them and adds an estimate of their residual (output - input) to its
+        input instead: the residual of the last run extrapolated linearly in the noise level
+        through the two last runs (the last run's residual alone until there are two).
+        `cache` = (probe, residuals of the last two runs, their noise levels, accumulated change,
+        calls, block runs) from init_step_cache; returns (v, cache). Deterministic; the skip is
+        a lax.cond, so skipped blocks cost nothing."""
         d = self.dit
         hid, e = d.embed(latents, timesteps(sigma), start=start, pooled=d.pooled(None, text_kv))
         probe = d.probe(hid, e)
-        prev, res, acc, calls, runs = cache
+        s_now = jnp.max((sigma[0] if isinstance(sigma, tuple) else sigma).astype(jnp.float32))
+        prev, res1, res2, s1, s2, acc, calls, runs = cache
         rel = jnp.mean(jnp.abs(probe - prev)) / (jnp.mean(jnp.abs(prev)) + 1e-8)
         reuse = (calls > 0) & (acc + rel < threshold)
-        out = jax.lax.cond(reuse, lambda: (hid.astype(jnp.float32) + res).astype(hid.dtype),
+        slope = jnp.where((runs >= 2) & (s1 != s2), (s_now - s1) / jnp.where(s1 != s2, s1 - s2, 1.0), 0.0)
+        est = res1 + slope * (res1 - res2)
+        out = jax.lax.cond(reuse, lambda: (hid.astype(jnp.float32) + est).astype(hid.dtype),
                            lambda: d.run(hid, e, None, text_kv))
-        res = jnp.where(reuse, res, out.astype(jnp.float32) - hid.astype(jnp.float32))
+        new = out.astype(jnp.float32) - hid.astype(jnp.float32)
+        res1, res2 = jnp.where(reuse, res1, new), jnp.where(reuse, res2, res1)
+        s1, s2 = jnp.where(reuse, s1, s_now), jnp.where(reuse, s2, s1)
         acc = jnp.where(reuse, acc + rel, 0.0)
-        return d.head(out, e), (probe, res, acc, calls + 1, runs + jnp.where(reuse, 0, 1))
+        return d.head(out, e), (probe, res1, res2, s1, s2, acc, calls + 1, runs + jnp.where(reuse, 0, 1))
 
     def init_step_cache(self, batch: int, latent_shape):
         """An empty step cache for velocity_cached at `batch` latents of shape (t, h, w, z)."""
         n = dit_lib.num_tokens(self.dit.cfg, tuple(latent_shape)[:3])
         z = jnp.zeros((batch, n, self.dit.cfg.dim), jnp.float32)
-        return (z, z, jnp.float32(0.0), jnp.int32(0), jnp.int32(0))
+        zero = jnp.float32(0.0)
+        return (z, z, z, zero, zero, zero, jnp.int32(0), jnp.int32(0))
 
     def text_kv(self, context):
         """The DiT's cross-attention keys/values of a context (WanDiT.text_kv): once per sample."""
