@@ -23,7 +23,7 @@ from sorajax import checkpoint as ckpt_lib
 from sorajax import cli, config_base, config_lib
 from sorajax import tokenizer as tok_lib
 from sorajax.errors import UserError
-from sorajax.models import dit as dit_lib
+from sorajax.models import dit_diffusers
 from sorajax.models import text as text_lib
 from sorajax.models import vae as vae_lib
 from sorajax.models import video
@@ -86,7 +86,7 @@ def run_config(src: str, *, frames: int = 81, height: int = 480, width: int = 83
     """The sorajax run config for a diffusers Wan folder (models from its config.json files)."""
     try:
         vae_cfg = vae_lib.config_from_diffusers(_read_json(os.path.join(src, "vae", "config.json")))
-        dit_cfg = dit_lib.config_from_diffusers(_read_json(os.path.join(src, "transformer", "config.json")))
+        dit_cfg = dit_diffusers.config_from_diffusers(_read_json(os.path.join(src, "transformer", "config.json")))
         text_cfg = text_lib.config_from_transformers(_read_json(os.path.join(src, "text_encoder", "config.json")))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{src}: unsupported component config ({e})") from None
@@ -115,7 +115,7 @@ def run_config(src: str, *, frames: int = 81, height: int = 480, width: int = 83
 def load_weights(model, src: str) -> None:
     """Streams the diffusers/transformers tensors of `src` into `model` (a VideoModel)."""
     vae_lib.load_diffusers(model.vae, SafetensorsReader(os.path.join(src, "vae")))
-    dit_lib.load_diffusers(model.dit, SafetensorsReader(os.path.join(src, "transformer")))
+    dit_diffusers.load_diffusers(model.dit, SafetensorsReader(os.path.join(src, "transformer")))
     text_lib.load_transformers(model.text, SafetensorsReader(os.path.join(src, "text_encoder")),
                                ignore_prefixes=("decoder.", "lm_head."))
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import sorajax  # noqa: F401  (turns eager variable sharding off)
 from sorajax.errors import WeightsMismatch
-from sorajax.models import dit
+from sorajax.models import dit, dit_diffusers
 from sorajax.sharding import LOGICAL_AXES
 
 
@@ -42,10 +42,10 @@ def _cl(a):  # torch (B, C, F, H, W) -> ours (B, F, H, W, C)
 @pytest.fixture(scope="session")  # once per worker, even when xdist interleaves modules
 def tiny():
     d = pathlib.Path(__file__).parent / "fixtures" / "wan_dit_tiny"
-    cfg = dit.config_from_diffusers(d)
+    cfg = dit_diffusers.config_from_diffusers(d)
     # Abstract model + loader: no random init is computed (and every parameter must get set).
     model = nnx.eval_shape(lambda: dit.WanDiT(cfg, rngs=nnx.Rngs(0)))
-    dit.load_diffusers(model, SafetensorsReader(d / "diffusion_pytorch_model.safetensors"))
+    dit_diffusers.load_diffusers(model, SafetensorsReader(d / "diffusion_pytorch_model.safetensors"))
     assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(nnx.state(model)))
     io = dict(np.load(d / "io.npz"))
     fwd = nnx.jit(lambda m, x, t, c, positions=None: m(x, t, c, positions))
@@ -152,7 +152,7 @@ def test_memory_levers_keep_values_and_grads(tiny, variant):
     for kw in (dict(), variant):
         cfg = dit.VARIANTS["tiny"](**kw)
         models.append(nnx.eval_shape(lambda: dit.WanDiT(cfg, rngs=nnx.Rngs(0))))
-        dit.load_diffusers(models[-1], SafetensorsReader(d / "diffusion_pytorch_model.safetensors"))
+        dit_diffusers.load_diffusers(models[-1], SafetensorsReader(d / "diffusion_pytorch_model.safetensors"))
     x, t = _cl(io["x_f1"])[:1], io["t_f1"][:1]
     grad = nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(m(x, t, io["ctx"][:1]) ** 2)))
     (l0, g0), (l1, g1) = grad(models[0]), grad(models[1])
@@ -178,13 +178,13 @@ def test_load_diffusers_reports_mismatches(tiny):
     broken["blocks.0.attn2.add_k_proj.weight"] = np.zeros((24, 24), np.float32)
     broken["blocks.0.attn1.norm_added_q.weight"] = np.zeros((24,), np.float32)  # ignored
     with pytest.raises(WeightsMismatch) as e:
-        dit.load_diffusers(model, broken)
+        dit_diffusers.load_diffusers(model, broken)
     assert e.value.missing == ["proj_out.bias"]
     assert e.value.unexpected == ["blocks.0.attn2.add_k_proj.weight"]
     wrong = DictReader(sd)
     wrong["blocks.1.ffn.net.2.weight"] = np.zeros((24, 31), np.float32)
     with pytest.raises(WeightsMismatch) as e:
-        dit.load_diffusers(model, wrong)
+        dit_diffusers.load_diffusers(model, wrong)
     assert len(e.value.shape_mismatch) == 1 and "blocks.1.ffn.net.2.weight" in e.value.shape_mismatch[0]
 
 
