@@ -161,6 +161,24 @@ def test_wan21_shapes():
             V.latent_shape(cfg, *bad)
 
 
+@pytest.mark.parametrize("stack_below", [0, 1024])  # the per-tap sum / the stacked taps
+@pytest.mark.parametrize("stride,padding", [((1, 1, 1), [(2, 0), (1, 1), (1, 1)]),
+                                            ((2, 2, 2), [(0, 0), (0, 1), (0, 1)])])
+def test_conv3d_as_2d_equals_conv3d(stack_below, stride, padding, monkeypatch):
+    """Both ways _conv3d_as_2d computes a 3-D convolution (time taps stacked into channels, or one
+    2-D convolution per tap summed) equal XLA's 3-D convolution, with time/space strides and
+    causal padding."""
+    monkeypatch.setattr(V, "STACK_TAPS_BELOW", stack_below)
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 6, 5)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(3, 3, 3, 5, 4)).astype(np.float32))
+    want = jax.lax.conv_general_dilated(x, k, stride, padding, dimension_numbers=V._CONV_DN[3],
+                                        precision="highest")
+    got = V._conv3d_as_2d(x, k, stride, padding)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_trace():
     """encode -> sample -> decode is differentiable w.r.t. parameters (traced, not compiled)."""
     cfg = V.VARIANTS["toy"](remat=True)
